@@ -1,0 +1,30 @@
+"""dinov2_fast: DINOv2 with fused Triton kernels and the Hugging Face transformers API."""
+
+from .config import Dinov2Config, Dinov2WithRegistersConfig
+from .modeling import (
+    Dinov2Backbone,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2PreTrainedModel,
+    Dinov2WithRegistersBackbone,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+)
+from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneOutput",
+    "BaseModelOutputWithPooling",
+    "Dinov2Backbone",
+    "Dinov2Config",
+    "Dinov2ForImageClassification",
+    "Dinov2Model",
+    "Dinov2PreTrainedModel",
+    "Dinov2WithRegistersBackbone",
+    "Dinov2WithRegistersConfig",
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersModel",
+    "ImageClassifierOutput",
+]

@@ -1,0 +1,114 @@
+"""Turn the CLI's model, device and dtype arguments into objects, with one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import Dinov2Config
+from .modeling import Dinov2Model
+
+SIZES = ("small", "base", "large", "giant")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ORIGINAL_SUFFIXES = (".pth", ".pt")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class UserError(Exception):
+    """A problem with the user's arguments or files, reported as one line without a traceback."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is CUDA when present; each torchrun process takes the GPU of its local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (see `dinov2-fast info`)")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line reports."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def random_model(size: str, *, seed: int = 0) -> Dinov2Model:
+    """A released-size model with random weights, every parameter randomised.
+
+    LayerNorm weights, biases and LayerScale start as ones and zeros, which would hide bugs
+    in the ops that read them (DESIGN.md §4), so they get noise too.
+    """
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config.for_size(size))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() <= 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def model_identity(spec: str) -> str:
+    """What a model argument names, stable across working directories (for resume checks)."""
+    path = Path(spec)
+    return str(path.resolve()) if path.exists() else spec
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str,
+    allow_random_size: bool = False,
+) -> Dinov2Model:
+    """A local transformers folder, an original ``.pth``, a hub id, or (if allowed) a size name."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} is not a model folder: it has no config.json")
+        load = lambda: Dinov2Model.from_pretrained(
+            path, dtype=dtype, device=device, backend=backend
+        )
+    elif path.is_file():
+        if path.suffix not in _ORIGINAL_SUFFIXES:
+            raise UserError(f"{spec} is neither a model folder nor an original .pth checkpoint")
+        load = lambda: Dinov2Model.from_original(path, dtype=dtype, device=device, backend=backend)
+    elif spec in SIZES:
+        if not allow_random_size:
+            raise UserError(
+                f"{spec} names a random-weight model for verify and bench; "
+                "embed needs trained weights (a model folder, .pth file or hub id)"
+            )
+        return random_model(spec).to(device=device, dtype=dtype).set_backend(backend)
+    elif _HUB_ID.fullmatch(spec):
+        load = lambda: Dinov2Model.from_pretrained(
+            spec, dtype=dtype, device=device, backend=backend
+        )
+    else:
+        sizes = f", or one of {', '.join(SIZES)}" if allow_random_size else ""
+        raise UserError(
+            f"model not found: {spec} (expected a local model folder, an original .pth file, "
+            f"a hub id such as facebook/dinov2-small{sizes})"
+        )
+    try:
+        return load().eval()
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
+        raise UserError(f"cannot load model {spec}: {first_line(err)}") from err

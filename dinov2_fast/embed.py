@@ -1,0 +1,499 @@
+"""Embed image files into one features ``.npy`` plus a manifest: streamed, resumable, sharded.
+
+Row order: the inputs in command-line order; a folder contributes its images (recursively,
+hidden files and folders left out) sorted by path, a glob its image matches sorted by path;
+a path met twice keeps its first place. Files that cannot be read get no row; the manifest
+lists them with the reason.
+
+While a run is going, its work lives in ``FEATURES.partial/`` beside the output: one row of
+features per input (``features.npy``), one status byte per input (``status.npy``), the run's
+settings and inputs (``run.json``) and the skipped files' reasons (``skipped-RANK.jsonl``).
+A batch's rows are flushed before their status bytes, so an interrupted run leaves only
+finished rows marked done and ``--resume`` continues from them. Under torchrun every rank
+writes its own rows of those files (so all ranks must share the output's filesystem), and
+rank 0 compacts them into the output at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ._resolve import (
+    UserError,
+    dtype_name,
+    first_line,
+    load_model,
+    model_identity,
+    resolve_device,
+    resolve_dtype,
+)
+from .preprocess import load_image, preprocess, resize_size_for
+
+__all__ = ["POOLS", "EmbedResult", "collect_inputs", "embed_images", "manifest_path"]
+
+POOLS = ("cls", "mean", "cls+mean", "patch")
+
+_PENDING, _DONE, _SKIPPED = 0, 1, 2
+_COPY_CHUNK_BYTES = 64 << 20
+# Ranks wait for the slowest at the end; torchrun tears the group down if one fails, so
+# this only bounds a hang.
+_RANK_TIMEOUT = timedelta(hours=6)
+_IMAGE_SUFFIXES = frozenset(Image.registered_extensions())
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    features: Path
+    manifest: Path
+    rows: int
+    skipped: int
+    reused: int
+
+
+def manifest_path(features: str | os.PathLike) -> Path:
+    """``FEATURES.npy`` -> ``FEATURES.manifest.json``."""
+    return Path(features).with_suffix(".manifest.json")
+
+
+def _partial_dir(features: Path) -> Path:
+    return features.with_suffix(".partial")
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def _is_image_name(path: str) -> bool:
+    return Path(path).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            os.path.join(root, f) for f in files if not f.startswith(".") and _is_image_name(f)
+        ]
+    return sorted(os.path.normpath(p) for p in found)
+
+
+def _expand(pattern: str) -> list[str]:
+    if os.path.isdir(pattern):
+        images = _images_under(pattern)
+        if not images:
+            raise UserError(f"no images in folder {pattern}")
+        return images
+    if os.path.exists(pattern):
+        return [os.path.normpath(pattern)]
+    if not any(c in pattern for c in "*?["):
+        raise UserError(f"no such file or folder: {pattern}")
+    images = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        if os.path.isdir(match):
+            images += _images_under(match)
+        elif _is_image_name(match):
+            images.append(os.path.normpath(match))
+    if not images:
+        raise UserError(f"no images match {pattern}")
+    return images
+
+
+def collect_inputs(patterns: Sequence[str]) -> list[str]:
+    """Files, folders (recursive) and globs to image paths, in row order (module docstring)."""
+    ordered: dict[str, None] = {}
+    for pattern in patterns:
+        # Keys already present keep their first place.
+        ordered.update(dict.fromkeys(_expand(pattern)))
+    return list(ordered)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place under torchrun (one process without it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> _Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        # Only small objects and barriers cross processes (features go through the shared
+        # files), so gloo serves GPU runs too.
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=_RANK_TIMEOUT)
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def on_rank0(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on rank 0 and hand its result, or its error, to every rank."""
+        payload: tuple[bool, Any] = (True, None)
+        if self.rank == 0:
+            try:
+                payload = (True, work())
+            except (UserError, OSError) as err:
+                payload = (False, first_line(err))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [payload]
+            dist.broadcast_object_list(box, src=0)
+            payload = box[0]
+        ok, value = payload
+        if not ok:
+            raise UserError(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -- reading images ---------------------------------------------------------------------------
+
+
+class _ImageRows(Dataset):
+    """Preprocessed pixels of some rows; an unreadable file yields its reason instead."""
+
+    def __init__(self, paths: Sequence[str], rows: np.ndarray, crop_size: int) -> None:
+        self.paths = paths
+        self.rows = rows
+        self.crop_size = crop_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        row = int(self.rows[index])
+        try:
+            pixels = preprocess(load_image(self.paths[row]), self.crop_size)
+        # Decoders of damaged files raise nearly anything (OSError, SyntaxError, struct.error,
+        # DecompressionBombError...); every one of them means "skip this file".
+        except Exception as err:
+            return row, None, first_line(err)
+        return row, torch.from_numpy(pixels), None
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    read = [(row, pixels) for row, pixels, _ in items if pixels is not None]
+    failed = [(row, reason) for row, pixels, reason in items if pixels is None]
+    batch = torch.stack([pixels for _, pixels in read]) if read else None
+    return [row for row, _ in read], batch, failed
+
+
+# -- features -------------------------------------------------------------------------------
+
+
+def _feature_shape(pool: str, hidden_size: int, patch_size: int, crop_size: int) -> list[int]:
+    if pool == "patch":
+        return [(crop_size // patch_size) ** 2, hidden_size]
+    return [2 * hidden_size if pool == "cls+mean" else hidden_size]
+
+
+def _pool(output: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
+    """CLS after the final norm, mean of patch tokens, both, or the patch tokens themselves."""
+    if pool == "cls":
+        return output.pooler_output
+    patches = output.last_hidden_state[:, prefix_tokens:]
+    if pool == "patch":
+        return patches
+    mean = patches.float().mean(dim=1)
+    return mean if pool == "mean" else torch.cat([output.pooler_output.float(), mean], dim=-1)
+
+
+def _copy_rows(
+    source: np.ndarray, source_rows: np.ndarray, target: np.ndarray, target_rows: np.ndarray
+) -> None:
+    row_bytes = max(1, source[:1].nbytes)
+    step = max(1, _COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, len(source_rows), step):
+        chunk = slice(start, start + step)
+        target[target_rows[chunk]] = source[source_rows[chunk]]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(staging, path)
+
+
+# -- run state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """Rows an earlier run of the same settings has written, by input path."""
+
+    inputs: list[str]
+    features: np.ndarray
+    done: np.ndarray
+    unfinished: bool
+
+
+def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if old.get(key) != value:
+            raise UserError(
+                f"cannot --resume {out}: it was written with {key}={old.get(key)!r}, this run "
+                f"has {value!r} (rerun without --resume, or write to another --out)"
+            )
+
+
+def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
+    partial = _partial_dir(out)
+    if (partial / "run.json").is_file():
+        run = json.loads((partial / "run.json").read_text())
+        _check_settings(out, run["settings"], settings)
+        status = np.load(partial / "status.npy", mmap_mode="r")
+        features = np.load(partial / "features.npy", mmap_mode="r")
+        return _Previous(run["inputs"], features, status == _DONE, unfinished=True)
+    manifest = manifest_path(out)
+    if manifest.is_file() and out.is_file():
+        written = json.loads(manifest.read_text())
+        _check_settings(out, written, settings)
+        features = np.load(out, mmap_mode="r")
+        if features.shape[0] == len(written["inputs"]):
+            done = np.ones(len(written["inputs"]), dtype=bool)
+            return _Previous(written["inputs"], features, done, unfinished=False)
+    return None
+
+
+def _start_partial(
+    folder: Path, inputs: list[str], settings: dict[str, Any], previous: _Previous | None
+) -> None:
+    folder.mkdir(parents=True)
+    _write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
+    shape = (len(inputs), *settings["feature_shape"])
+    features = np.lib.format.open_memmap(
+        folder / "features.npy", mode="w+", dtype=settings["features_dtype"], shape=shape
+    )
+    status = np.lib.format.open_memmap(
+        folder / "status.npy", mode="w+", dtype=np.uint8, shape=(len(inputs),)
+    )
+    if previous is not None:
+        old_row = {p: r for r, p in enumerate(previous.inputs) if previous.done[r]}
+        new_rows = np.array([r for r, p in enumerate(inputs) if p in old_row], dtype=np.int64)
+        old_rows = np.array([old_row[inputs[r]] for r in new_rows], dtype=np.int64)
+        _copy_rows(previous.features, old_rows, features, new_rows)
+        status[new_rows] = _DONE
+    features.flush()
+    status.flush()
+
+
+def _prepare(
+    out: Path, inputs: list[str], settings: dict[str, Any], resume: bool
+) -> tuple[np.ndarray, int]:
+    """Set up the partial run (rank 0); returns the rows still to embed and the rows reused."""
+    partial = _partial_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = _previous_run(out, settings) if resume else None
+    if previous is not None and previous.unfinished and previous.inputs == inputs:
+        # Same inputs as the interrupted run: continue in place, retrying skipped files.
+        status = np.load(partial / "status.npy", mmap_mode="r+")
+        status[status == _SKIPPED] = _PENDING
+        status.flush()
+        for log in partial.glob("skipped-*.jsonl"):
+            log.unlink()
+    else:
+        if not resume and partial.exists():
+            print(f"discarding the unfinished run in {partial} (--resume continues it)", file=sys.stderr)
+        staging = partial.with_name(partial.name + ".new")
+        shutil.rmtree(staging, ignore_errors=True)
+        _start_partial(staging, inputs, settings, previous)
+        shutil.rmtree(partial, ignore_errors=True)
+        staging.rename(partial)
+        status = np.load(partial / "status.npy", mmap_mode="r")
+    pending = np.flatnonzero(status == _PENDING)
+    reused = len(inputs) - len(pending)
+    if resume:
+        print(f"resuming: {reused} of {len(inputs)} rows already written", file=sys.stderr)
+    return pending, reused
+
+
+def _embed_rows(
+    model: torch.nn.Module,
+    partial: Path,
+    inputs: list[str],
+    rows: np.ndarray,
+    *,
+    pool: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    show_progress: bool,
+    rank: int,
+) -> None:
+    features = np.load(partial / "features.npy", mmap_mode="r+")
+    status = np.load(partial / "status.npy", mmap_mode="r+")
+    features_dtype = getattr(torch, str(features.dtype))
+    prefix_tokens = 1 + model.config.num_register_tokens
+    loader = DataLoader(
+        _ImageRows(inputs, rows, crop_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+    )
+    progress = tqdm(
+        total=len(rows), unit="img", desc="embed", file=sys.stderr, disable=not show_progress
+    )
+    with open(partial / f"skipped-{rank}.jsonl", "a") as log, progress, torch.inference_mode():
+        for read_rows, pixels, failed in loader:
+            for row, reason in failed:
+                tqdm.write(f"skipped {inputs[row]}: {reason}", file=sys.stderr)
+                log.write(json.dumps({"row": row, "reason": reason}) + "\n")
+            log.flush()
+            if read_rows:
+                pixels = pixels.to(device=model.device, dtype=model.dtype, non_blocking=True)
+                pooled = _pool(model(pixel_values=pixels), pool, prefix_tokens)
+                features[read_rows] = pooled.to(features_dtype).cpu().numpy()
+                features.flush()
+            status[read_rows] = _DONE
+            status[[row for row, _ in failed]] = _SKIPPED
+            status.flush()
+            progress.update(len(read_rows) + len(failed))
+
+
+def _finish(out: Path) -> EmbedResult:
+    """Compact the partial run into the output and write the manifest (rank 0)."""
+    partial = _partial_dir(out)
+    run = json.loads((partial / "run.json").read_text())
+    inputs, settings = run["inputs"], run["settings"]
+    status = np.load(partial / "status.npy")
+    if (status == _PENDING).any():
+        raise UserError(f"{np.count_nonzero(status == _PENDING)} rows were never written")
+    reasons = {}
+    for log in sorted(partial.glob("skipped-*.jsonl")):
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            reasons[entry["row"]] = entry["reason"]
+    written = np.flatnonzero(status == _DONE)
+    if len(written) == len(inputs):
+        os.replace(partial / "features.npy", out)
+    else:
+        features = np.load(partial / "features.npy", mmap_mode="r")
+        compact = np.lib.format.open_memmap(
+            partial / "compact.npy", mode="w+", dtype=features.dtype,
+            shape=(len(written), *features.shape[1:]),
+        )
+        _copy_rows(features, written, compact, np.arange(len(written)))
+        compact.flush()
+        del compact, features
+        os.replace(partial / "compact.npy", out)
+    skipped_rows = np.flatnonzero(status == _SKIPPED)
+    manifest = {
+        "features": out.name,
+        "shape": [len(written), *settings["feature_shape"]],
+        **settings,
+        "inputs": [inputs[r] for r in written],
+        "skipped": [{"path": inputs[r], "reason": reasons.get(int(r), "?")} for r in skipped_rows],
+    }
+    _write_json(manifest_path(out), manifest)
+    shutil.rmtree(partial)
+    return EmbedResult(out, manifest_path(out), len(written), len(skipped_rows), 0)
+
+
+def _default_workers(device: torch.device) -> int:
+    # On the CPU the model, not decoding, is the bottleneck and wants the cores.
+    if device.type != "cuda":
+        return 1
+    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_process))
+
+
+def embed_images(
+    patterns: Sequence[str],
+    model: str,
+    out: str | os.PathLike,
+    *,
+    pool: str = "cls",
+    crop_size: int = 224,
+    batch_size: int = 64,
+    dtype: str = "auto",
+    device: str = "auto",
+    workers: int | None = None,
+    backend: str = "auto",
+    resume: bool = False,
+    show_progress: bool = True,
+) -> EmbedResult:
+    """Embed images to ``out`` (``.npy``) and its manifest; see the module docstring.
+
+    Under torchrun every rank calls this with the same arguments and gets the same result.
+    """
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise UserError(f"--out must name a .npy file, got {out}")
+    if pool not in POOLS:
+        raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
+    ranks = _Ranks.from_env()
+    try:
+        inputs = ranks.on_rank0(lambda: collect_inputs(patterns))
+        torch_device = resolve_device(device, ranks.local_rank)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
+        config = net.config
+        if crop_size < config.patch_size:
+            raise UserError(f"--size {crop_size} is smaller than one {config.patch_size}px patch")
+        settings = {
+            "model": model_identity(model),
+            "pool": pool,
+            "crop_size": crop_size,
+            "resize_size": resize_size_for(crop_size),
+            "model_dtype": dtype_name(torch_dtype),
+            # numpy has no bfloat16: those features are stored as float32.
+            "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
+            "feature_shape": _feature_shape(
+                pool, config.hidden_size, config.patch_size, crop_size
+            ),
+        }
+        pending, reused = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
+        _embed_rows(
+            net,
+            _partial_dir(out),
+            inputs,
+            np.array_split(pending, ranks.world)[ranks.rank],
+            pool=pool,
+            crop_size=crop_size,
+            batch_size=batch_size,
+            workers=_default_workers(torch_device) if workers is None else workers,
+            show_progress=show_progress and ranks.rank == 0,
+            rank=ranks.rank,
+        )
+        ranks.barrier()
+        result = ranks.on_rank0(lambda: _finish(out))
+    finally:
+        ranks.close()
+    return replace(result, reused=reused)

@@ -1,0 +1,489 @@
+"""Flash-attention forward on the packed QKV projection (non-causal, optional varlen).
+
+q, k and v are read by strides straight out of the QKV GEMM output, viewed as
+(B, N, 3, H, Dh), and the result is written as (B, N, H*Dh) for the output projection:
+no transposes, no copies. Scores never leave registers; softmax statistics are fp32 and
+the log-sum-exp is stored for a later backward.
+
+Why no TMA descriptors on sm_90: a TMA descriptor needs a 16-byte-aligned global stride
+and describes a box inside one dense tensor. The packed layout has a row stride of
+3*H*Dh elements (fine) but each (batch, head) is a strided window whose rows belong to
+ragged sequences (N = 257, 1370, ... and varlen segments), so a descriptor would need
+either one descriptor per (batch, head) built on the host or in-kernel descriptor
+creation plus out-of-bounds handling at every segment end. For head_dim 64 the K/V tiles
+are small (8-16 KiB) and cp.async pipelining already keeps wgmma fed; the descriptor
+setup would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelSpec, interpreting, record_launch
+
+__all__ = ["SUPPORTED_HEAD_DIMS", "compile_specs", "flash_attention"]
+
+SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = math.log2(math.e)
+
+# Interpreter blocks: large enough to keep the program count low, small enough that the
+# test shapes exercise several full key blocks followed by a masked tail.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _attend_key_block(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    k_ptrs,
+    v_ptrs,
+    start_n,
+    seq_len,
+    stride_token,
+    qk_scale_log2,
+    d_mask,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    PAD_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one block of keys/values into the running (acc, row_sum, row_max) of the queries."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    block_offset = start_n * stride_token
+    if MASK_KEYS:
+        kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_ptrs + block_offset, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + block_offset, mask=kv_mask, other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs + block_offset, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs + block_offset, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs + block_offset)
+        v = tl.load(v_ptrs + block_offset)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASK_KEYS:
+        scores = tl.where((offs_n < seq_len)[None, :], scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale_log2)
+    p = tl.math.exp2(scores * qk_scale_log2 - new_max[:, None])
+    rescale = tl.math.exp2(row_max - new_max)
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None]
+    # p is rounded to the input dtype before the second product, as every flash kernel does.
+    p = p.to(v.dtype)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    qkv_ptr,
+    out_ptr,
+    lse_ptr,
+    head_scale_ptr,
+    cu_seqlens_ptr,
+    qk_scale_log2,
+    seq_len_or_max,
+    num_heads,
+    stride_qkv_batch,
+    stride_qkv_token,
+    stride_out_batch,
+    stride_out_token,
+    stride_lse_head,
+    stride_head_scale_batch,
+    stride_head_scale_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_DMODEL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_HEAD_SCALE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch or sequence, head) against all its keys.
+
+    Grid: axis 0 = batch*heads (or sequences*heads), axis 1 = query blocks. Axis 0 allows
+    2^31 - 1 programs; axes 1 and 2 stop at 65535.
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    seq_idx = pid_bh // num_heads
+    head = pid_bh % num_heads
+    if VARLEN:
+        seq_start = tl.load(cu_seqlens_ptr + seq_idx)
+        seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
+        # qkv/out are (total, width): a sequence starts at a token, not a batch stride.
+        qkv_base = qkv_ptr + seq_start.to(tl.int64) * stride_qkv_token
+        out_base = out_ptr + seq_start.to(tl.int64) * stride_out_token
+        lse_base = lse_ptr + head.to(tl.int64) * stride_lse_head + seq_start
+    else:
+        seq_len = seq_len_or_max
+        qkv_base = qkv_ptr + seq_idx.to(tl.int64) * stride_qkv_batch
+        out_base = out_ptr + seq_idx.to(tl.int64) * stride_out_batch
+        lse_base = lse_ptr + pid_bh.to(tl.int64) * stride_lse_head
+    block_start = pid_m * BLOCK_M
+    # Varlen grids are sized for the longest sequence; shorter ones have nothing here.
+    if block_start >= seq_len:
+        return
+
+    stride_token = stride_qkv_token.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DMODEL)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = (block_start + offs_m) < seq_len
+    q_col = head * HEAD_DIM
+    k_col = (num_heads + head) * HEAD_DIM
+    v_col = (2 * num_heads + head) * HEAD_DIM
+
+    q_ptrs = (
+        qkv_base
+        + block_start * stride_token
+        + offs_m[:, None] * stride_qkv_token
+        + (q_col + offs_d)[None, :]
+    )
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_ptrs = qkv_base + offs_n[:, None] * stride_qkv_token + (k_col + offs_d)[None, :]
+    v_ptrs = qkv_base + offs_n[:, None] * stride_qkv_token + (v_col + offs_d)[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DMODEL], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    PAD_D: tl.constexpr = BLOCK_DMODEL != HEAD_DIM
+
+    # Full key blocks take unmasked loads; only the ragged last block pays for the masks.
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, row_sum, row_max = _attend_key_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, seq_len, stride_token,
+            qk_scale_log2, d_mask, BLOCK_N, False, PAD_D, UPCAST_DOT, DOT_PRECISION,
+        )  # fmt: skip
+    if full_end < seq_len:
+        acc, row_sum, row_max = _attend_key_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, full_end, seq_len, stride_token,
+            qk_scale_log2, d_mask, BLOCK_N, True, PAD_D, UPCAST_DOT, DOT_PRECISION,
+        )  # fmt: skip
+
+    out_scale = 1.0 / row_sum
+    if HAS_HEAD_SCALE:
+        head_scale = tl.load(
+            head_scale_ptr + seq_idx * stride_head_scale_batch + head * stride_head_scale_head
+        ).to(tl.float32)
+        out_scale = out_scale * head_scale
+    out = acc * out_scale[:, None]
+    out_ptrs = (
+        out_base
+        + block_start * stride_out_token.to(tl.int64)
+        + offs_m[:, None] * stride_out_token
+        + (q_col + offs_d)[None, :]
+    )
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    # row_max and row_sum live in the log2 domain of the scaled scores; lse is natural-log.
+    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453
+    tl.store(lse_base + block_start + offs_m, lse, mask=row_mask)
+
+
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages
+    )
+
+
+# Autotune lists per architecture, each led by the default config. Every entry compiles
+# for fp16 and bf16 at head_dim 64 without spills or local memory and within shared memory
+# (checked by kernels/report.py); _prune_for_head_dim drops the ones that do not for wider
+# heads.
+_CONFIGS: dict[int, list[triton.Config]] = {
+    80: [
+        _config(128, 64, 4, 3),
+        _config(64, 64, 4, 3),
+        _config(128, 32, 4, 3),
+        _config(128, 64, 8, 3),
+        _config(128, 128, 8, 2),
+    ],
+    90: [
+        _config(128, 64, 4, 3),
+        _config(128, 128, 8, 3),
+        _config(128, 64, 8, 3),
+        _config(64, 64, 4, 3),
+        _config(128, 128, 8, 2),
+    ],
+}
+
+
+def _fits_head_dim(config: triton.Config, block_dmodel: int) -> bool:
+    """Whether a config stays within registers and shared memory for this padded head dim."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    # fp32 accumulator + fp32 scores per thread; beyond ~128 registers of the two, ptxas spills.
+    per_thread = (block_m * block_dmodel + block_m * block_n) // (32 * config.num_warps)
+    return block_dmodel <= 64 or per_thread <= 128
+
+
+def _prune_for_head_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list:
+    fitting = [c for c in configs if _fits_head_dim(c, named_args["BLOCK_DMODEL"])]
+    return fitting or configs[:1]
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+@functools.cache
+def _tuned_kernel(arch: int) -> triton.runtime.Autotuner:
+    # Every config rewrites out and lse in full, so benchmarking needs no reset hooks.
+    # Keyed on the exact (longest) sequence length like other flash kernels: varlen batches
+    # tune once per distinct max_seqlen.
+    return triton.autotune(
+        configs=_CONFIGS[arch],
+        key=["HEAD_DIM", "seq_len_or_max"],
+        prune_configs_by={"early_config_prune": _prune_for_head_dim},
+    )(_attention_fwd_kernel)
+
+
+def _validate(
+    qkv: torch.Tensor,
+    num_heads: int,
+    head_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> int:
+    """Check the inputs and return head_dim."""
+    expected_ndim = 3 if cu_seqlens is None else 2
+    if qkv.dim() != expected_ndim:
+        layout = "(B, N, 3*H*Dh)" if cu_seqlens is None else "(total, 3*H*Dh) with cu_seqlens"
+        raise ValueError(f"qkv must be {layout}, got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"qkv dtype {qkv.dtype} unsupported; use float16, bfloat16 or float32")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    width = qkv.shape[-1]
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} is not divisible by 3*num_heads = {3 * num_heads}")
+    head_dim = width // (3 * num_heads)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("qkv must be contiguous in its last dimension")
+    if cu_seqlens is not None:
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be 1-D int32 of length S+1 >= 2, got {cu_seqlens.dtype} "
+                f"shape {tuple(cu_seqlens.shape)}"
+            )
+        if cu_seqlens.device != qkv.device:
+            raise ValueError("cu_seqlens must be on the same device as qkv")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != qkv.shape[0]:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at total={qkv.shape[0]}, "
+                f"got {bounds[0]}..{bounds[-1]}"
+            )
+        if any(b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    if head_scale is not None:
+        groups = qkv.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        allowed = [(num_heads,), (groups, num_heads)]
+        if tuple(head_scale.shape) not in allowed:
+            raise ValueError(
+                f"head_scale must have shape {allowed[0]} or {allowed[1]}, "
+                f"got {tuple(head_scale.shape)}"
+            )
+        if not head_scale.is_floating_point() or head_scale.device != qkv.device:
+            raise ValueError("head_scale must be a floating-point tensor on qkv's device")
+    return head_dim
+
+
+def flash_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    head_scale: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention on the packed QKV projection; returns (out, lse).
+
+    qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
+    (B, N, H*Dh) and lse (fp32) is (B, H, N). With cu_seqlens (int32 (S+1,), from 0) qkv
+    is (total, 3*H*Dh), each sequence attends within itself, out is (total, H*Dh) and lse
+    is (H, total); max_seqlen saves a device sync when given. head_scale, (H,) or (B, H)
+    ((S, H) with cu_seqlens), multiplies each head's output. scale defaults to
+    1/sqrt(Dh). `out`, when given, receives the result (same shape and dtype, last dim
+    contiguous).
+    """
+    head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens)
+    varlen = cu_seqlens is not None
+    tokens = qkv.shape[-2]
+    out_shape = (*qkv.shape[:-1], num_heads * head_dim)
+    if out is None:
+        out = torch.empty(out_shape, dtype=qkv.dtype, device=qkv.device)
+    elif tuple(out.shape) != out_shape or out.dtype != qkv.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {out_shape} {qkv.dtype} with a contiguous last dim")
+    if varlen:
+        groups = cu_seqlens.numel() - 1
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        lse = torch.empty((num_heads, tokens), dtype=torch.float32, device=qkv.device)
+        stride_lse_head = tokens
+        seq_len_or_max = max_seqlen
+    else:
+        groups = qkv.shape[0]
+        max_seqlen = tokens
+        lse = torch.empty((groups, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+        stride_lse_head = tokens
+        seq_len_or_max = tokens
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if head_scale is None:
+        head_scale_strides = (0, 0)
+    elif head_scale.dim() == 1:
+        head_scale_strides = (0, head_scale.stride(0))
+    else:
+        head_scale_strides = head_scale.stride()
+    if groups * num_heads == 0 or max_seqlen == 0:
+        return out, lse
+
+    args = (
+        qkv,
+        out,
+        lse,
+        head_scale,
+        cu_seqlens,
+        scale * _LOG2E,
+        seq_len_or_max,
+        num_heads,
+        qkv.stride(0) if not varlen else 0,
+        qkv.stride(-2),
+        out.stride(0) if not varlen else 0,
+        out.stride(-2),
+        stride_lse_head,
+        *head_scale_strides,
+    )
+    flags = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_DMODEL": triton.next_power_of_2(head_dim),
+        "VARLEN": varlen,
+        "HAS_HEAD_SCALE": head_scale is not None,
+        # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton #11584).
+        "UPCAST_DOT": interpreting() and qkv.dtype == torch.bfloat16,
+        "DOT_PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32",
+    }
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (groups * num_heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
+
+    record_launch("attention")
+    if interpreting():
+        config = _INTERPRETER_CONFIG
+        _attention_fwd_kernel[grid({**config.kwargs})](
+            *args, **flags, **config.kwargs, num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
+    else:
+        kernel = _tuned_kernel(_arch(qkv.device))
+        kernel[grid](*args, **flags)
+    return out, lse
+
+
+def _signature(dtype: str) -> dict[str, str]:
+    return {
+        "qkv_ptr": f"*{dtype}",
+        "out_ptr": f"*{dtype}",
+        "lse_ptr": "*fp32",
+        "head_scale_ptr": "*fp32",
+        "cu_seqlens_ptr": "*i32",
+        "qk_scale_log2": "fp32",
+        "seq_len_or_max": "i32",
+        "num_heads": "i32",
+        "stride_qkv_batch": "i64",
+        "stride_qkv_token": "i32",
+        "stride_out_batch": "i64",
+        "stride_out_token": "i32",
+        "stride_lse_head": "i32",
+        "stride_head_scale_batch": "i32",
+        "stride_head_scale_head": "i32",
+    }
+
+
+# What the JIT would specialize for the model's packed layout (16-byte aligned tensors,
+# row strides 3*H*Dh and H*Dh that are multiples of 16). Without it the compiler cannot
+# prove 16-byte vectors, drops cp.async pipelining and spills: the AOT report must compile
+# what the runtime runs. Keys are ASTSource attrs (argument index tuples).
+_ALIGNED_ARGS = (
+    "qkv_ptr",
+    "out_ptr",
+    "lse_ptr",
+    "head_scale_ptr",
+    "cu_seqlens_ptr",
+    "stride_qkv_batch",
+    "stride_qkv_token",
+    "stride_out_batch",
+    "stride_out_token",
+)
+
+
+def _aligned_attrs() -> dict[tuple[int], list[list]]:
+    arg_names = _attention_fwd_kernel.arg_names
+    return {(arg_names.index(name),): [["tt.divisibility", 16]] for name in _ALIGNED_ARGS}
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every compile the AOT report must check on sm_<arch>.
+
+    All autotune configs for head_dim 64 (the model's), and the default config surviving
+    the head-dim pruning for every other supported head_dim; fp16 and bf16 each, batched
+    mode with head_scale (the widest feature set the model uses). ``extra["attrs"]`` holds
+    the alignment attributes to pass as ``ASTSource(..., attrs=...)``.
+    """
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            block_dmodel = triton.next_power_of_2(head_dim)
+            configs = [c for c in _CONFIGS[arch] if _fits_head_dim(c, block_dmodel)]
+            if head_dim != 64:
+                configs = configs[:1]
+            for config in configs:
+                block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                specs.append(
+                    KernelSpec(
+                        name="attention",
+                        fn=_attention_fwd_kernel,
+                        signature=_signature(dtype),
+                        constexprs={
+                            "HEAD_DIM": head_dim,
+                            "BLOCK_DMODEL": block_dmodel,
+                            "BLOCK_M": block_m,
+                            "BLOCK_N": block_n,
+                            "VARLEN": False,
+                            "HAS_HEAD_SCALE": True,
+                            "UPCAST_DOT": False,
+                            "DOT_PRECISION": "tf32",
+                        },
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                        label=(
+                            f"{dtype} d{head_dim} m{block_m} n{block_n} "
+                            f"w{config.num_warps} s{config.num_stages}"
+                        ),
+                        extra={"attrs": _aligned_attrs()},
+                    )
+                )
+    return specs

@@ -1,0 +1,392 @@
+"""Checkpoint reading and writing: transformers folders, hub ids and original .pth files.
+
+Every load is strict: missing, unexpected or mis-shaped tensors raise with the keys named.
+The one tolerated gap is a classifier head absent from a backbone checkpoint (the usual
+fine-tuning start), which is initialised fresh with a warning naming its keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Dinov2Config
+
+_SAFETENSORS = "model.safetensors"
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_TORCH_BIN = "pytorch_model.bin"
+_TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+_WEIGHT_FILES = (_SAFETENSORS, _SAFETENSORS_INDEX, _TORCH_BIN, _TORCH_BIN_INDEX)
+
+_BODY_PREFIXES = ("dinov2.", "dinov2_with_registers.")
+_HEAD_PREFIX = "classifier."
+
+# transformers >= 5.18 names the projections q/k/v/o_proj and splits the SwiGLU input
+# projection into gate/up in memory; map them onto the on-disk names this library uses.
+_RENAMES = (
+    (re.compile(r"\.attention\.(?:attention\.)?q_proj\."), ".attention.attention.query."),
+    (re.compile(r"\.attention\.(?:attention\.)?k_proj\."), ".attention.attention.key."),
+    (re.compile(r"\.attention\.(?:attention\.)?v_proj\."), ".attention.attention.value."),
+    (re.compile(r"\.attention\.(?:output\.)?o_proj\."), ".attention.output.dense."),
+    (re.compile(r"\.mlp\.down_proj\."), ".mlp.weights_out."),
+)
+_GATE_UP = re.compile(r"^(.*\.mlp\.)(gate|up)_proj\.(weight|bias)$")
+
+
+# -- reading files ------------------------------------------------------------------------
+
+
+def _resolve_folder(path: str | os.PathLike) -> Path:
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ValueError(f"{folder} is a file; from_pretrained expects a checkpoint folder")
+    name = str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise FileNotFoundError(f"checkpoint folder {name!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder, and huggingface_hub (needed to fetch it from the "
+            "hub) is not installed: pip install huggingface_hub, or pass a local folder"
+        ) from err
+    try:
+        return Path(
+            snapshot_download(
+                name, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"]
+            )
+        )
+    except Exception as err:  # the hub client raises many types; one clear message serves all
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder and could not be fetched from the hub: {err}"
+        ) from err
+
+
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint file {file}: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers folder: single file or sharded, safetensors or bin."""
+    for name in _WEIGHT_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return _read_file(file)
+        index = json.loads(file.read_text())
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            shard_file = folder / shard
+            if not shard_file.is_file():
+                raise FileNotFoundError(f"{file} names shard {shard}, which is missing")
+            state.update(_read_file(shard_file))
+        missing = sorted(set(index["weight_map"]) - set(state))
+        if missing:
+            raise ValueError(f"shards of {folder} lack tensors listed in the index: {missing[:8]}")
+        return state
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+# -- key mapping --------------------------------------------------------------------------
+
+
+def _legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers >= 5.18 in-memory keys to the on-disk layout."""
+    out: dict[str, torch.Tensor] = {}
+    gate_up: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _GATE_UP.match(key)
+        if match:
+            prefix, part, kind = match.groups()
+            gate_up.setdefault((prefix, kind), {})[part] = tensor
+            continue
+        for pattern, replacement in _RENAMES:
+            key = pattern.sub(replacement, key)
+        out[key] = tensor
+    for (prefix, kind), parts in gate_up.items():
+        if set(parts) != {"gate", "up"}:
+            raise ValueError(f"{prefix}{kind}: found only the {sorted(parts)} projection")
+        out[f"{prefix}weights_in.{kind}"] = torch.cat([parts["gate"], parts["up"]], dim=0)
+    return out
+
+
+def _split_body_and_head(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    body, head = {}, {}
+    for key, tensor in state.items():
+        if key.startswith(_HEAD_PREFIX):
+            head[key] = tensor
+            continue
+        for prefix in _BODY_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        body[key] = tensor
+    return body, head
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``state`` (transformers key layout) into ``model`` built on meta."""
+    body, head = _split_body_and_head(_legacy_names(state))
+    expected = model.state_dict()
+    has_head = any(k.startswith(_HEAD_PREFIX) for k in expected)
+    prefix = "dinov2." if any(k.startswith("dinov2.") for k in expected) else ""
+    wanted = {prefix + k: v for k, v in body.items()}
+    fresh_head = []
+    if has_head:
+        if head:
+            wanted.update(head)
+        else:
+            fresh_head = sorted(k for k in expected if k.startswith(_HEAD_PREFIX))
+    elif head:
+        warnings.warn(
+            f"{source}: ignoring the classifier head ({sorted(head)}), which "
+            f"{type(model).__name__} does not have",
+            stacklevel=3,
+        )
+    missing = sorted(set(expected) - set(wanted) - set(fresh_head))
+    unexpected = sorted(set(wanted) - set(expected))
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(wanted[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(wanted) & set(expected))
+        if wanted[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if mis_shaped:
+        problems.append("mis-shaped tensors " + "; ".join(mis_shaped))
+    if problems:
+        raise ValueError(
+            f"{source} does not match {type(model).__name__} with this config: "
+            + ", ".join(problems)
+        )
+    model.load_state_dict(wanted, strict=False, assign=True)
+    if fresh_head:
+        warnings.warn(
+            f"{source} has no classifier head; {fresh_head} are newly initialised: "
+            "train them before use",
+            stacklevel=3,
+        )
+        classifier = model.classifier
+        classifier.to_empty(device="cpu")
+        torch.nn.init.trunc_normal_(classifier.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(classifier.bias)
+
+
+def _finish(
+    model: torch.nn.Module,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    backend: str,
+) -> torch.nn.Module:
+    model.to(device=device, dtype=dtype)
+    model.set_backend(backend)
+    return model.eval()
+
+
+def _build_on_meta(cls: type, config: Dinov2Config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return cls(config)
+
+
+def load_pretrained(
+    cls: type,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    backend: str,
+    **config_overrides: Any,
+) -> torch.nn.Module:
+    folder = _resolve_folder(path)
+    config_dict = (
+        json.loads((folder / "config.json").read_text())
+        if (folder / "config.json").is_file()
+        else None
+    )
+    if config_dict is None:
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config_dict.update(config_overrides)
+    config = Dinov2Config.from_dict(config_dict)
+    model = _build_on_meta(cls, config)
+    _load_into(model, read_state_dict(folder), str(folder))
+    return _finish(model, dtype, device, backend)
+
+
+# -- original facebookresearch checkpoints -----------------------------------------------
+
+
+def _unwrap_original(state: Any) -> dict[str, torch.Tensor]:
+    for wrapper in ("teacher", "model", "state_dict"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("original checkpoint is not a dict of tensors (or one under 'teacher')")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    # block_chunks layouts nest blocks as blocks.<chunk>.<global index>.
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+
+
+_ORIGINAL_GLOBALS = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "mask_token": "embeddings.mask_token",
+    "register_tokens": "embeddings.register_tokens",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+_ORIGINAL_BLOCK = {
+    "norm1": "norm1",
+    "attn.proj": "attention.output.dense",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.w12": "mlp.weights_in",
+    "mlp.w3": "mlp.weights_out",
+    "ls2.gamma": "layer_scale2.lambda1",
+}
+
+
+def _original_config(state: dict[str, torch.Tensor], overrides: dict[str, Any]) -> Dinov2Config:
+    try:
+        hidden = state["cls_token"].shape[-1]
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        positions = state["pos_embed"].shape[1] - 1
+    except KeyError as err:
+        raise ValueError(f"original checkpoint lacks {err.args[0]!r}; is it a DINOv2 ViT?") from err
+    layers = 1 + max(
+        (int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1
+    )
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:
+        ffn = state["blocks.0.mlp.w3.weight"].shape[1]
+        mlp_ratio = 4 if (int(hidden * 4 * 2 / 3) + 7) // 8 * 8 == ffn else ffn * 1.5 / hidden
+    else:
+        ffn = state["blocks.0.mlp.fc1.weight"].shape[0] if layers else 4 * hidden
+        mlp_ratio = ffn / hidden if ffn % hidden else ffn // hidden
+    fields: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "mlp_ratio": mlp_ratio,
+        "image_size": round(positions**0.5) * patch,
+        "patch_size": patch,
+        "num_channels": state["patch_embed.proj.weight"].shape[1],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "use_swiglu_ffn": swiglu,
+        "use_mask_token": "mask_token" in state,
+        "num_register_tokens": registers,
+        # The released register models resize by size with antialias; the others use the
+        # +0.1 scale-factor trick without antialias (DESIGN.md §2).
+        "interpolate_offset": 0.0 if registers else 0.1,
+        "interpolate_antialias": bool(registers),
+    }
+    fields.update(overrides)
+    config = Dinov2Config(**fields)
+    if config.ffn_hidden_size != ffn:
+        raise ValueError(f"cannot infer mlp_ratio: FFN width {ffn} from hidden {hidden}")
+    return config
+
+
+def _original_to_transformers(
+    state: dict[str, torch.Tensor], config: Dinov2Config
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    hidden = config.hidden_size
+    for key, tensor in state.items():
+        if key in _ORIGINAL_GLOBALS:
+            out[_ORIGINAL_GLOBALS[key]] = tensor
+            continue
+        match = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", key)
+        if match is None:
+            unknown.append(key)
+            continue
+        index, name, kind = match.groups()
+        prefix = f"encoder.layer.{index}."
+        if name == "attn.qkv":
+            for part, chunk in zip(("query", "key", "value"), tensor.split(hidden), strict=True):
+                out[f"{prefix}attention.attention.{part}.{kind}"] = chunk
+        elif kind == "gamma" and f"{name}.gamma" in _ORIGINAL_BLOCK:
+            out[prefix + _ORIGINAL_BLOCK[f"{name}.gamma"]] = tensor
+        elif name in _ORIGINAL_BLOCK:
+            out[f"{prefix}{_ORIGINAL_BLOCK[name]}.{kind}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"original checkpoint has tensors this model cannot place: {unknown[:8]}")
+    # Checkpoints trained without LayerScale (init_values=None) are LayerScale of ones.
+    for index in range(config.num_hidden_layers):
+        for scale in ("layer_scale1", "layer_scale2"):
+            out.setdefault(f"encoder.layer.{index}.{scale}.lambda1", torch.ones(hidden))
+    return out
+
+
+def load_original(
+    cls: type,
+    path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    backend: str,
+    **config_overrides: Any,
+) -> torch.nn.Module:
+    if isinstance(path_or_state_dict, dict):
+        source, raw = "original state dict", path_or_state_dict
+    else:
+        file = Path(path_or_state_dict).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"original checkpoint {file} does not exist")
+        source, raw = str(file), _read_file(file)
+    state = _unwrap_original(raw)
+    config = _original_config(state, config_overrides)
+    model = _build_on_meta(cls, config)
+    _load_into(model, _original_to_transformers(state, config), source)
+    return _finish(model, dtype, device, backend)
+
+
+# -- saving -------------------------------------------------------------------------------
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    config: Dinov2Config = model.config
+    folder = Path(path)
+    registers = config.num_register_tokens > 0
+    name = type(model).__name__.replace("Dinov2WithRegisters", "Dinov2")
+    if registers:
+        name = name.replace("Dinov2", "Dinov2WithRegisters", 1)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if registers and key.startswith("dinov2."):
+            key = "dinov2_with_registers." + key[len("dinov2.") :]
+        state[key] = tensor.detach().to("cpu").contiguous()
+    config.save_pretrained(folder, architecture=name)
+    save_file(state, str(folder / _SAFETENSORS), metadata={"format": "pt"})

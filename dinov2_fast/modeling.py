@@ -1,0 +1,685 @@
+"""DINOv2 in plain PyTorch with transformers' module names, arguments and outputs.
+
+This is the reference path (and the CPU path). Parameter names match transformers' on-disk
+checkpoint keys exactly, so ``state_dict()`` of each class is interchangeable with the
+transformers class of the same name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import Dinov2Config
+from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+
+__all__ = [
+    "Dinov2Backbone",
+    "Dinov2ForImageClassification",
+    "Dinov2Model",
+    "Dinov2PreTrainedModel",
+    "Dinov2WithRegistersBackbone",
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersModel",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "DINOV2_FAST_BACKEND"
+
+_ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU}
+
+
+class Dinov2PatchEmbeddings(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class Dinov2Embeddings(nn.Module):
+    """CLS token, patch embeddings, (interpolated) position embeddings, register tokens."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.config = config
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
+        if config.use_mask_token or config.num_register_tokens:
+            self.mask_token = nn.Parameter(torch.zeros(1, hidden))
+        if config.num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden))
+        self.patch_embeddings = Dinov2PatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(
+            torch.randn(1, self.patch_embeddings.num_patches + 1, hidden)
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._position_cache: dict[tuple[Any, ...], tuple[tuple[int, int], torch.Tensor]] = {}
+
+    @property
+    def has_mask_token(self) -> bool:
+        return hasattr(self, "mask_token")
+
+    def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, 1 + grid_h * grid_w, D) position embeddings for a patch grid, cached per grid.
+
+        The cache is keyed on the parameter's identity and version, so any change to the
+        weights (optimizer step, ``load_state_dict``, ``.to()``) invalidates it.
+        """
+        table = self.position_embeddings
+        native = math.isqrt(table.shape[1] - 1)
+        if (grid_h, grid_w) == (native, native):
+            return table
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not (
+            torch.compiler.is_compiling()
+        )
+        if not cacheable:
+            return self._interpolate(grid_h, grid_w)
+        key = (grid_h, grid_w, table.dtype, table.device)
+        stamp = (table.data_ptr(), table._version)
+        hit = self._position_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, self._interpolate(grid_h, grid_w))
+            self._position_cache[key] = hit
+        return hit[1]
+
+    def _interpolate(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        table = self.position_embeddings
+        hidden = table.shape[-1]
+        native = math.isqrt(table.shape[1] - 1)
+        if native * native != table.shape[1] - 1:
+            raise ValueError(
+                f"position_embeddings hold {table.shape[1] - 1} patch positions, not a square grid"
+            )
+        grid = table[:, 1:].reshape(1, native, native, hidden).permute(0, 3, 1, 2).float()
+        offset = self.config.interpolate_offset
+        if offset:
+            resize = {"scale_factor": ((grid_h + offset) / native, (grid_w + offset) / native)}
+        else:
+            resize = {"size": (grid_h, grid_w)}
+        grid = F.interpolate(
+            grid, mode="bicubic", align_corners=False, antialias=self.config.antialias, **resize
+        )
+        if grid.shape[-2:] != (grid_h, grid_w):
+            raise ValueError(
+                f"interpolated position grid is {tuple(grid.shape[-2:])}, expected "
+                f"{(grid_h, grid_w)}"
+            )
+        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, hidden)
+        return torch.cat([table[:, :1], grid], dim=1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        batch, _, height, width = pixel_values.shape
+        weight = self.patch_embeddings.projection.weight
+        tokens = self.patch_embeddings(pixel_values.to(weight.dtype))
+        if bool_masked_pos is not None:
+            mask_token = self.mask_token.to(tokens.dtype).unsqueeze(0)
+            tokens = torch.where(bool_masked_pos.unsqueeze(-1), mask_token, tokens)
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        patch = self.config.patch_size
+        tokens = tokens + self.position_table(height // patch, width // patch)
+        if self.config.num_register_tokens:
+            registers = self.register_tokens.expand(batch, -1, -1)
+            tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+        return self.dropout(tokens)
+
+
+class Dinov2SelfAttention(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(hidden, hidden, bias=config.qkv_bias)
+        self.key = nn.Linear(hidden, hidden, bias=config.qkv_bias)
+        self.value = nn.Linear(hidden, hidden, bias=config.qkv_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_scale: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, hidden = hidden_states.shape
+        shape = (batch, tokens, self.num_attention_heads, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout_prob if self.training else 0.0
+        probs = None
+        if output_attentions:
+            probs = (query @ key.transpose(-1, -2) * self.scaling).softmax(dim=-1)
+            probs = F.dropout(probs, dropout, training=self.training)
+            if head_scale is not None:
+                probs = probs * head_scale
+            context = probs @ value
+        else:
+            context = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout, scale=self.scaling
+            )
+            if head_scale is not None:
+                context = context * head_scale
+        return context.transpose(1, 2).reshape(batch, tokens, hidden), probs
+
+
+class Dinov2SelfOutput(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class Dinov2Attention(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.attention = Dinov2SelfAttention(config)
+        self.output = Dinov2SelfOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_scale: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, probs = self.attention(hidden_states, head_scale, output_attentions)
+        return self.output(context), probs
+
+
+class Dinov2LayerScale(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(config.layerscale_value * torch.ones(config.hidden_size))
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return hidden_state * self.lambda1
+
+
+class Dinov2MLP(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size)
+        self.activation = _ACTIVATIONS[config.hidden_act]()
+        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_state)))
+
+
+class Dinov2SwiGLUFFN(nn.Module):
+    """SwiGLU with the packed ``[gate | up]`` input projection."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.weights_in = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size)
+        self.weights_out = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        gate, up = self.weights_in(hidden_state).chunk(2, dim=-1)
+        return self.weights_out(F.silu(gate) * up)
+
+
+class Dinov2DropPath(nn.Module):
+    """Stochastic depth per sample; identity outside training."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        return hidden_states / keep * torch.floor(mask + keep)
+
+
+class Dinov2Layer(nn.Module):
+    """Pre-norm block: ``x + ls1 * attn(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Dinov2Attention(config)
+        self.layer_scale1 = Dinov2LayerScale(config)
+        self.drop_path = (
+            Dinov2DropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
+        )
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Dinov2SwiGLUFFN(config) if config.use_swiglu_ffn else Dinov2MLP(config)
+        self.layer_scale2 = Dinov2LayerScale(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_scale: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, probs = self.attention(self.norm1(hidden_states), head_scale, output_attentions)
+        hidden_states = self.drop_path(self.layer_scale1(attended)) + hidden_states
+        ffn = self.mlp(self.norm2(hidden_states))
+        return self.drop_path(self.layer_scale2(ffn)) + hidden_states, probs
+
+
+class Dinov2Encoder(nn.Module):
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Dinov2Layer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: list[torch.Tensor | None],
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_probs = [] if output_attentions else None
+        for layer, head_scale in zip(self.layer, head_mask, strict=True):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states, probs = checkpoint(
+                    layer, hidden_states, head_scale, output_attentions, use_reentrant=False
+                )
+            else:
+                hidden_states, probs = layer(hidden_states, head_scale, output_attentions)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            if all_probs is not None:
+                all_probs.append(probs)
+        return (
+            hidden_states,
+            None if all_hidden is None else tuple(all_hidden),
+            None if all_probs is None else tuple(all_probs),
+        )
+
+
+def _resolve_backend(requested: str) -> str:
+    """The backend a forward runs: the environment override wins, then the request."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; use one of {BACKENDS}")
+        return forced
+    return requested
+
+
+class Dinov2PreTrainedModel(nn.Module):
+    """Shared machinery: weight init, backend selection, loading and saving."""
+
+    config_class = Dinov2Config
+    base_model_prefix = "dinov2"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        if not isinstance(config, Dinov2Config):
+            raise TypeError(f"config must be a dinov2_fast.Dinov2Config, got {type(config)}")
+        self.config = config
+        self.backend = "auto"
+
+    # -- set-up -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter as transformers does (truncated normal, zeros, ones)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, Dinov2Embeddings):
+                nn.init.trunc_normal_(module.position_embeddings, std=std)
+                nn.init.trunc_normal_(module.cls_token, std=std)
+                if module.has_mask_token:
+                    nn.init.zeros_(module.mask_token)
+                if self.config.num_register_tokens:
+                    nn.init.zeros_(module.register_tokens)
+            elif isinstance(module, Dinov2LayerScale):
+                nn.init.constant_(module.lambda1, self.config.layerscale_value)
+
+    def set_backend(self, backend: str) -> Dinov2PreTrainedModel:
+        """Choose ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Dinov2Encoder):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Dinov2Encoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values)}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be 4-D (batch, channels, height, width), got shape "
+                f"{tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating tensor, got {pixel_values.dtype}")
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels; this model expects "
+                f"{self.config.num_channels} (config.num_channels)"
+            )
+        patch = self.config.patch_size
+        if height < patch or width < patch:
+            raise ValueError(
+                f"pixel_values is {height}x{width}, smaller than one {patch}x{patch} patch"
+            )
+
+    def _check_masked_pos(
+        self, bool_masked_pos: torch.Tensor | None, pixel_values: torch.Tensor
+    ) -> None:
+        if bool_masked_pos is None:
+            return
+        if not self._embeddings().has_mask_token:
+            raise ValueError("bool_masked_pos needs a mask token, but config.use_mask_token=False")
+        patch = self.config.patch_size
+        batch, _, height, width = pixel_values.shape
+        expected = (batch, (height // patch) * (width // patch))
+        if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != expected:
+            raise ValueError(
+                f"bool_masked_pos must be a bool tensor of shape {expected} (batch, patches), got "
+                f"{bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}"
+            )
+
+    def _head_scales(self, head_mask: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per-layer (1, H, 1, 1) multipliers from a (H,) or (layers, H) head_mask."""
+        layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
+        if head_mask is None:
+            return [None] * layers
+        if not isinstance(head_mask, torch.Tensor):
+            raise TypeError(f"head_mask must be a torch.Tensor, got {type(head_mask)}")
+        if head_mask.shape == (heads,):
+            head_mask = head_mask.expand(layers, heads)
+        elif head_mask.shape != (layers, heads):
+            raise ValueError(
+                f"head_mask must have shape ({heads},) or ({layers}, {heads}) "
+                f"(heads or layers x heads), got {tuple(head_mask.shape)}"
+            )
+        head_mask = head_mask.to(dtype=self.dtype, device=self.device)
+        return list(head_mask.reshape(layers, 1, heads, 1, 1).unbind(0))
+
+    def _embeddings(self) -> Dinov2Embeddings:
+        return next(m for m in self.modules() if isinstance(m, Dinov2Embeddings))
+
+    # -- loading and saving ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        backend: str = "auto",
+        **config_overrides: Any,
+    ) -> Dinov2PreTrainedModel:
+        """Load a transformers-format folder (or hub id) written by either library.
+
+        ``dtype=None`` keeps the checkpoint's dtype; ``config_overrides`` replace config fields
+        (e.g. ``num_labels`` for a fresh classifier head, ``out_features`` for a backbone).
+        """
+        from .loading import load_pretrained
+
+        return load_pretrained(
+            cls, path, dtype=dtype, device=device, backend=backend, **config_overrides
+        )
+
+    @classmethod
+    def from_original(
+        cls,
+        path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        backend: str = "auto",
+        **config_overrides: Any,
+    ) -> Dinov2PreTrainedModel:
+        """Load an original facebookresearch/dinov2 checkpoint (hub ``.pth`` or training).
+
+        Sizes, registers and the FFN type are read from the tensors; the heads are assumed
+        to be 64 wide, as in every released model (override with ``num_attention_heads``).
+        """
+        from .loading import load_original
+
+        return load_original(
+            cls,
+            path_or_state_dict,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            **config_overrides,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors that transformers 5.17 loads as is."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, path)
+
+
+class Dinov2Model(Dinov2PreTrainedModel):
+    """The DINOv2 ViT: embeddings, encoder and final LayerNorm."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__(config)
+        self.embeddings = Dinov2Embeddings(config)
+        self.encoder = Dinov2Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.init_weights()
+
+    def get_input_embeddings(self) -> Dinov2PatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple[torch.Tensor, ...]:
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        self._check_pixel_values(pixel_values)
+        self._check_masked_pos(bool_masked_pos, pixel_values)
+        head_scales = self._head_scales(head_mask)
+        embedded = self.embeddings(pixel_values, bool_masked_pos)
+        last, hidden_states, attentions = self.encoder(
+            embedded, head_scales, bool(output_attentions), bool(output_hidden_states)
+        )
+        sequence = self.layernorm(last)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=sequence,
+            pooler_output=sequence[:, 0],
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class Dinov2ForImageClassification(Dinov2PreTrainedModel):
+    """DINOv2 with a linear head on ``[CLS, mean of patch tokens]`` (registers excluded)."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dinov2 = Dinov2Model(config)
+        self.classifier = (
+            nn.Linear(2 * config.hidden_size, config.num_labels)
+            if config.num_labels > 0
+            else nn.Identity()
+        )
+        self.init_weights()
+
+    def set_backend(self, backend: str) -> Dinov2ForImageClassification:
+        super().set_backend(backend)
+        self.dinov2.set_backend(backend)
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple[torch.Tensor, ...]:
+        outputs = self.dinov2(
+            pixel_values,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        sequence = outputs.last_hidden_state
+        patches = sequence[:, 1 + self.config.num_register_tokens :]
+        logits = self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=1))
+        loss = None if labels is None else self._loss(logits, labels)
+        out = ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Regression, single- or multi-label loss, chosen as transformers chooses."""
+        config = self.config
+        labels = labels.to(logits.device)
+        if config.problem_type is None:
+            if config.num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        if config.problem_type == "regression":
+            if config.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class Dinov2Backbone(Dinov2PreTrainedModel):
+    """Feature maps of the stages named by ``config.out_features`` (``stem`` = embeddings)."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = Dinov2Embeddings(config)
+        self.encoder = Dinov2Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.init_weights()
+
+    @property
+    def stage_names(self) -> list[str]:
+        return self.config.stage_names
+
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.num_features[i] for i in self.out_indices]
+
+    def get_input_embeddings(self) -> Dinov2PatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple[torch.Tensor, ...]:
+        self._check_pixel_values(pixel_values)
+        embedded = self.embeddings(pixel_values)
+        _, hidden_states, attentions = self.encoder(
+            embedded, self._head_scales(None), bool(output_attentions), True
+        )
+        batch, _, height, width = pixel_values.shape
+        patch = self.config.patch_size
+        first_patch = 1 + self.config.num_register_tokens
+        feature_maps = []
+        for index, state in enumerate(hidden_states):
+            if index not in self.out_indices:
+                continue
+            if self.config.apply_layernorm:
+                state = self.layernorm(state)
+            if self.config.reshape_hidden_states:
+                state = state[:, first_patch:].reshape(batch, height // patch, width // patch, -1)
+                state = state.permute(0, 3, 1, 2).contiguous()
+            feature_maps.append(state)
+        out = BackboneOutput(
+            feature_maps=tuple(feature_maps),
+            hidden_states=hidden_states if output_hidden_states else None,
+            attentions=attentions,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class Dinov2WithRegistersModel(Dinov2Model):
+    """``Dinov2Model`` under transformers' registers name (registers are a config field)."""
+
+
+class Dinov2WithRegistersForImageClassification(Dinov2ForImageClassification):
+    """``Dinov2ForImageClassification`` under transformers' registers name."""
+
+
+class Dinov2WithRegistersBackbone(Dinov2Backbone):
+    """``Dinov2Backbone`` under transformers' registers name."""

@@ -1,0 +1,263 @@
+"""The fused ops: each runs its Triton kernel when it can, else its twin in ``reference``.
+
+The Triton path applies when triton is installed, the tensors are on CUDA (or
+``TRITON_INTERPRET=1`` runs kernels on the CPU), their dtypes are supported and no gradient
+is needed (no backward kernels yet, so autograd always gets the reference's exact
+gradients). ``use_backend("torch" | "triton" | "auto")`` forces a path for a block of code;
+``DINOV2_FAST_BACKEND=torch`` forces the reference everywhere. Forcing ``"triton"`` where the
+kernel cannot run raises instead of falling back silently.
+
+The Triton paths are torch custom ops (``torch.ops.dinov2_fast.*``) with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces through them. Triton itself is
+imported only when a kernel first runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from . import reference
+from .kernels._common import interpreting
+
+__all__ = [
+    "add_layerscale_layernorm",
+    "attention",
+    "current_backend",
+    "gelu",
+    "layer_norm",
+    "swiglu",
+    "triton_available",
+    "use_backend",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV_VAR = "DINOV2_FAST_BACKEND"
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kept in step with kernels.attention.SUPPORTED_HEAD_DIMS (tests check): importing it here
+# would import triton.
+_ATTENTION_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+# Innermost use_backend() last; empty means the environment variable (or "auto") decides.
+_forced_backends: list[str] = []
+
+
+def _check_backend(backend: str, source: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Force ``"torch"`` (reference), ``"triton"`` (kernels or an error) or ``"auto"`` inside
+    the block; nests, and overrides ``DINOV2_FAST_BACKEND``."""
+    _forced_backends.append(_check_backend(backend, "backend"))
+    try:
+        yield
+    finally:
+        _forced_backends.pop()
+
+
+def current_backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else the environment variable."""
+    if _forced_backends:
+        return _forced_backends[-1]
+    return _check_backend(os.environ.get(BACKEND_ENV_VAR, "auto"), BACKEND_ENV_VAR)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether Triton kernels can run on ``device``: triton is installed and the device is
+    CUDA, or the Triton interpreter is on."""
+    return _TRITON_INSTALLED and (torch.device(device).type == "cuda" or interpreting())
+
+
+def _triton_blocker(tensors: list[torch.Tensor | None]) -> str | None:
+    """Why the Triton kernel cannot take these floating-point inputs (None if it can)."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if not triton_available(device):
+        return f"inputs are on {device}; Triton needs CUDA or TRITON_INTERPRET=1"
+    if any(t.device != device for t in present):
+        return "inputs are on different devices"
+    if any(t.dtype not in _FLOAT_DTYPES for t in present):
+        return f"dtypes {sorted({str(t.dtype) for t in present})}; supported: {_FLOAT_DTYPES}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return "an input requires grad and the kernels have no backward yet"
+    return None
+
+
+def _use_triton(
+    op: str, tensors: list[torch.Tensor | None], extra_blocker: str | None = None
+) -> bool:
+    backend = current_backend()
+    if backend == "torch":
+        return False
+    blocker = _triton_blocker(tensors) or extra_blocker
+    if blocker is None:
+        return True
+    if backend == "triton":
+        raise RuntimeError(f"dinov2_fast.ops.{op}: backend 'triton' is forced but {blocker}")
+    return False
+
+
+# The custom ops: the Triton kernels seen by torch.compile as single opaque calls.
+
+
+@torch.library.custom_op("dinov2_fast::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    from .kernels import layernorm
+
+    return layernorm.layer_norm(x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dinov2_fast::add_layerscale_layernorm", mutates_args=())
+def _add_layerscale_layernorm_op(
+    residual: torch.Tensor,
+    branch: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import layernorm
+
+    return layernorm.add_layerscale_layernorm(residual, branch, scale, weight, bias, eps)
+
+
+@_add_layerscale_layernorm_op.register_fake
+def _(
+    residual: torch.Tensor,
+    branch: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    normed = residual.new_empty(residual.shape, dtype=branch.dtype)
+    return residual.new_empty(residual.shape), normed
+
+
+@torch.library.custom_op("dinov2_fast::swiglu", mutates_args=())
+def _swiglu_op(x: torch.Tensor) -> torch.Tensor:
+    from .kernels import swiglu
+
+    return swiglu.swiglu(x)
+
+
+@_swiglu_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("dinov2_fast::gelu", mutates_args=())
+def _gelu_op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from .kernels import gelu
+
+    return gelu.gelu(x, bias)
+
+
+@_gelu_op.register_fake
+def _(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dinov2_fast::attention", mutates_args=())
+def _attention_op(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None,
+    head_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    from .kernels import attention
+
+    out, _lse = attention.flash_attention(qkv, num_heads, scale, head_scale, cu_seqlens)
+    return out
+
+
+@_attention_op.register_fake
+def _(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None,
+    head_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
+
+
+# The public functional API.
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dimension (fp32 statistics); result in ``x``'s dtype."""
+    if _use_triton("layer_norm", [x, weight, bias]):
+        return _layer_norm_op(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
+
+
+def add_layerscale_layernorm(
+    residual: torch.Tensor,
+    branch: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``new = residual + scale * branch`` (residual's dtype) and ``LayerNorm(new)`` (branch's
+    dtype) in one pass over the residual stream."""
+    if _use_triton("add_layerscale_layernorm", [residual, branch, scale, weight, bias]):
+        return _add_layerscale_layernorm_op(residual, branch, scale, weight, bias, eps)
+    return reference.add_layerscale_layernorm(residual, branch, scale, weight, bias, eps)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from the packed ``[gate | up]`` last dimension."""
+    if _use_triton("swiglu", [x]):
+        return _swiglu_op(x)
+    return reference.swiglu(x)
+
+
+def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact (erf) GELU of ``x + bias``, one pass: the fc1 epilogue of a bias-free GEMM."""
+    if _use_triton("gelu", [x, bias]):
+        return _gelu_op(x, bias)
+    return reference.gelu(x, bias)
+
+
+def attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    head_scale: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-causal multi-head attention on the packed (B, N, 3*H*Dh) QKV projection, giving
+    (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    unsupported_head_dim = None
+    if head_dim not in _ATTENTION_HEAD_DIMS:
+        unsupported_head_dim = f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
+    if _use_triton("attention", [qkv, head_scale], unsupported_head_dim):
+        return _attention_op(qkv, num_heads, scale, head_scale, cu_seqlens)
+    return reference.attention(
+        qkv, num_heads, scale=scale, head_scale=head_scale, cu_seqlens=cu_seqlens
+    )
