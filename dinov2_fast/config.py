@@ -193,10 +193,7 @@ class Dinov2Config:
         if out_features is None and out_indices is None:
             return [names[-1]], [len(names) - 1]
         if out_indices is not None:
-            out_indices = [
-                i % len(names) if -len(names) <= i < len(names) else i for i in out_indices
-            ]
-            bad = [i for i in out_indices if not 0 <= i < len(names)]
+            bad = [i for i in out_indices if not -len(names) <= i < len(names)]
             if bad:
                 raise ValueError(f"out_indices {bad} are out of range for stages {names}")
         if out_features is not None:

@@ -656,8 +656,8 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
         patch = self.config.patch_size
         first_patch = 1 + self.config.num_register_tokens
         feature_maps = []
-        for index, state in enumerate(hidden_states):
-            if index not in self.out_indices:
+        for stage, state in zip(self.stage_names, hidden_states, strict=True):
+            if stage not in self.out_features:
                 continue
             if self.config.apply_layernorm:
                 state = self.layernorm(state)

@@ -177,7 +177,9 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         ours = getattr(dinov2_fast, kind)(config).eval()
         folder = tmp_path / f"{kind}-{registers}"
         ours.save_pretrained(folder)
-        hf = getattr(transformers, kind.replace("Dinov2", "Dinov2WithRegisters") if registers else kind)
+        hf = getattr(
+            transformers, kind.replace("Dinov2", "Dinov2WithRegisters") if registers else kind
+        )
         hf = hf.from_pretrained(folder).eval()
         pixels = torch.randn(2, 3, 56, 70)
         with torch.no_grad():

@@ -1,0 +1,350 @@
+"""Flash-attention kernel vs its reference twin (tier 1: interpreter or GPU; tier 3: GPU only).
+
+PyTorch's own error, the yardstick of the 2x rule, is the eager attention transformers runs
+in that dtype: scores in the input dtype, fp32 softmax, probabilities rounded to the input
+dtype before the product with v. Every flash kernel (PyTorch's flash backend included)
+rounds the probabilities the same way; the CPU SDPA kernel does not, so in bf16 it is
+about 2.5x more exact than any flash kernel and would not be a fair yardstick.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _numerics import assert_close_2x
+
+from dinov2_fast import reference
+from dinov2_fast.kernels._common import count_launches
+from dinov2_fast.kernels.attention import flash_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _packed_qkv(
+    batch: int,
+    tokens: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    strided: bool = False,
+) -> torch.Tensor:
+    """Random (B, N, 3*H*Dh) qkv; strided makes it a view into a larger buffer (B, N, width)."""
+    width = 3 * heads * head_dim
+    if not strided:
+        return torch.randn(batch, tokens, width, device=DEVICE).to(dtype)
+    buffer = torch.randn(2 * batch, tokens + 3, width + 32, device=DEVICE).to(dtype)
+    return buffer[::2, 3:, 16 : 16 + width]
+
+
+def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * heads)
+    return qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _eager_attention(
+    qkv: torch.Tensor, heads: int, scale: float | None, head_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """transformers' eager attention in qkv's dtype (the 2x rule's yardstick)."""
+    q, k, v = _split(qkv, heads)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)
+    out = weights.to(qkv.dtype) @ v
+    if head_scale is not None:
+        out = out * head_scale.reshape(-1, heads, 1, 1).to(out.dtype)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _reference_lse(qkv: torch.Tensor, heads: int, scale: float | None) -> torch.Tensor:
+    """(B, H, N) log-sum-exp of the scaled scores, in float64."""
+    q, k, _ = _split(qkv.double(), heads)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    return torch.logsumexp((q @ k.transpose(-1, -2)) * scale, dim=-1)
+
+
+def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _run(qkv: torch.Tensor, heads: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel launch into NaN-poisoned outputs, checked to be exactly one launch."""
+    head_dim = qkv.shape[-1] // (3 * heads)
+    cu_seqlens = kwargs.get("cu_seqlens")
+    if cu_seqlens is None:
+        lse_shape = (qkv.shape[0], heads, qkv.shape[1])
+    else:
+        lse_shape = (heads, qkv.shape[0])
+    out = _poisoned((*qkv.shape[:-1], heads * head_dim), qkv.dtype)
+    lse = _poisoned(lse_shape, torch.float32)
+    with count_launches() as launches:
+        result, result_lse = flash_attention(qkv, heads, out=out, lse=lse, **kwargs)
+    assert launches["attention"] == 1
+    assert result.data_ptr() == out.data_ptr() and result_lse.data_ptr() == lse.data_ptr()
+    return out, lse
+
+
+def _check_batched(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    scale: float | None = None,
+    head_scale: torch.Tensor | None = None,
+) -> None:
+    out, lse = _run(qkv, heads, scale=scale, head_scale=head_scale)
+    exact_head_scale = None if head_scale is None else head_scale.double()
+    ref = reference.attention(qkv.double(), heads, scale=scale, head_scale=exact_head_scale)
+    assert_close_2x(out, ref, _eager_attention(qkv, heads, scale, head_scale), atol=1e-5)
+    torch.testing.assert_close(
+        lse.double(), _reference_lse(qkv, heads, scale), atol=1e-4, rtol=1e-5
+    )
+
+
+# (batch, tokens, heads, head_dim, dtype): the model's token counts (1 query, ragged tails,
+# 224 px, 224 px + registers, 518 px), head_dim 64 plus the padded and wide ones.
+BATCHED_CASES = [
+    (1, 1, 1, 64, torch.float32),
+    (3, 17, 6, 64, torch.float16),
+    (1, 257, 6, 64, torch.float16),
+    (3, 261, 1, 64, torch.float32),
+    (1, 1370, 1, 64, torch.float16),
+    (3, 17, 1, 48, torch.float32),
+    (1, 257, 1, 96, torch.float16),
+    (1, 130, 1, 128, torch.float16),
+    (1, 261, 6, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    ("batch", "tokens", "heads", "head_dim", "dtype"),
+    BATCHED_CASES,
+    ids=[f"B{b}-N{n}-H{h}-d{d}-{str(t)[6:]}" for b, n, h, d, t in BATCHED_CASES],
+)
+def test_matches_reference(batch, tokens, heads, head_dim, dtype):
+    _check_batched(_packed_qkv(batch, tokens, heads, head_dim, dtype), heads)
+
+
+@pytest.mark.parametrize("head_dim", [32, 80])
+def test_other_head_dims(head_dim):
+    _check_batched(_packed_qkv(1, 70, 2, head_dim, torch.float16), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_qkv(dtype):
+    qkv = _packed_qkv(3, 70, 2, 64, dtype, strided=True)
+    assert not qkv.is_contiguous()
+    _check_batched(qkv, 2)
+
+
+def test_strided_out():
+    qkv = _packed_qkv(2, 70, 2, 64, torch.float16)
+    buffer = _poisoned((2, 80, 2 * 64 + 16), torch.float16)
+    out = buffer[:, 5:75, 8 : 8 + 2 * 64]
+    flash_attention(qkv, 2, out=out)
+    ref = reference.attention(qkv.double(), 2)
+    assert_close_2x(out, ref, _eager_attention(qkv, 2, None, None), atol=1e-5)
+    assert torch.isnan(buffer[:, :5]).all() and torch.isnan(buffer[:, 75:]).all()
+    assert torch.isnan(buffer[..., :8]).all() and torch.isnan(buffer[..., 8 + 128 :]).all()
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["H", "BxH"])
+def test_head_scale(per_batch):
+    batch, heads = 3, 4
+    shape = (batch, heads) if per_batch else (heads,)
+    head_scale = torch.rand(shape, device=DEVICE) * 2 - 0.5
+    _check_batched(_packed_qkv(batch, 33, heads, 64, torch.float16), heads, head_scale=head_scale)
+
+
+def test_custom_scale():
+    _check_batched(_packed_qkv(2, 65, 2, 64, torch.float32), 2, scale=0.37)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    qkv = _packed_qkv(1, 40, 2, 48, torch.float32)
+    default, default_lse = flash_attention(qkv, 2)
+    explicit, explicit_lse = flash_attention(qkv, 2, scale=1 / math.sqrt(48))
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(default_lse, explicit_lse, rtol=0, atol=0)
+
+
+def _check_varlen(
+    lengths: list[int],
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    head_scale: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> None:
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    qkv = _packed_qkv(1, bounds[-1], heads, head_dim, dtype)[0]
+    out, lse = _run(qkv, heads, head_scale=head_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    exact_head_scale = None if head_scale is None else head_scale.double()
+    ref = reference.attention(
+        qkv.double(), heads, head_scale=exact_head_scale, cu_seqlens=cu_seqlens
+    )
+    eager = []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        seq_scale = head_scale if head_scale is None or head_scale.dim() == 1 else head_scale[i]
+        eager.append(_eager_attention(qkv[None, start:end], heads, None, seq_scale)[0])
+        torch.testing.assert_close(
+            lse[:, start:end].double(),
+            _reference_lse(qkv[None, start:end], heads, None)[0],
+            atol=1e-4,
+            rtol=1e-5,
+        )
+    assert_close_2x(out, ref, torch.cat(eager), atol=1e-5)
+
+
+def test_varlen_unequal_lengths():
+    _check_varlen([70, 1, 130, 17, 64], 2, 64, torch.float16)
+
+
+def test_varlen_head_scale_and_given_max():
+    heads = 3
+    head_scale = torch.rand(4, heads, device=DEVICE)
+    _check_varlen([5, 66, 1, 40], heads, 48, torch.float32, head_scale=head_scale, max_seqlen=66)
+
+
+def test_varlen_shared_head_scale_with_empty_sequence():
+    head_scale = torch.rand(2, device=DEVICE)
+    _check_varlen([33, 0, 9], 2, 64, torch.float16, head_scale=head_scale)
+
+
+def _bad_call(**overrides) -> None:
+    args = {"qkv": _packed_qkv(2, 8, 2, 64, torch.float16), "num_heads": 2, **overrides}
+    flash_attention(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"qkv": torch.randn(8, 384, device=DEVICE)}, ValueError, "qkv must be"),
+        ({"num_heads": 5}, ValueError, "not divisible"),
+        ({"qkv": torch.randn(2, 8, 3 * 2 * 40, device=DEVICE)}, ValueError, "head_dim 40"),
+        ({"qkv": torch.randn(2, 8, 384, device=DEVICE).long()}, TypeError, "dtype"),
+        ({"qkv": torch.randn(2, 384, 8, device=DEVICE).transpose(1, 2)}, ValueError, "last dim"),
+        ({"head_scale": torch.ones(3, device=DEVICE)}, ValueError, "head_scale must have shape"),
+        ({"head_scale": torch.ones(3, 2, device=DEVICE)}, ValueError, "head_scale must have"),
+        ({"out": torch.empty(2, 8, 64, device=DEVICE)}, ValueError, "out must be"),
+        ({"lse": torch.empty(2, 8, 2, device=DEVICE)}, ValueError, "lse must be"),
+    ],
+    ids=[
+        "2d-without-cu_seqlens",
+        "width",
+        "head_dim",
+        "dtype",
+        "strided-last-dim",
+        "head_scale-shape",
+        "head_scale-batch",
+        "out-shape",
+        "lse-shape",
+    ],
+)
+def test_rejects_bad_inputs(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _bad_call(**overrides)
+
+
+def _varlen_qkv() -> torch.Tensor:
+    return _packed_qkv(1, 10, 2, 64, torch.float16)[0]
+
+
+@pytest.mark.parametrize(
+    ("cu_seqlens", "match"),
+    [
+        ([0, 4, 10], None),
+        ([0, 6, 4, 10], "non-decreasing"),
+        ([1, 4, 10], "start at 0"),
+        ([0, 4, 9], "end at total"),
+    ],
+    ids=["int64", "decreasing", "start", "end"],
+)
+def test_rejects_bad_cu_seqlens(cu_seqlens, match):
+    dtype = torch.int64 if match is None else torch.int32
+    bounds = torch.tensor(cu_seqlens, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match=match or "int32"):
+        flash_attention(_varlen_qkv(), 2, cu_seqlens=bounds)
+
+
+def test_rejects_3d_qkv_with_cu_seqlens():
+    bounds = torch.tensor([0, 10], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="total"):
+        flash_attention(_varlen_qkv()[None], 2, cu_seqlens=bounds)
+
+
+def test_rejects_2d_cu_seqlens():
+    bounds = torch.tensor([[0, 10]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="1-D"):
+        flash_attention(_varlen_qkv(), 2, cu_seqlens=bounds)
+
+
+# Tier 3: natively on a GPU, the model's shapes in bf16/fp16, cross-checked against SDPA.
+
+
+def _sdpa(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    q, k, v = _split(qkv, heads)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "tokens", "heads"), [(8, 257, 6), (4, 1370, 12), (2, 5330, 6)])
+def test_gpu_matches_sdpa(batch, tokens, heads, dtype):
+    qkv = _packed_qkv(batch, tokens, heads, 64, dtype)
+    out, lse = _run(qkv, heads)
+    ref = reference.attention(qkv.float(), heads)
+    # PyTorch's own flash attention in this dtype is the yardstick here.
+    assert_close_2x(out, ref, _sdpa(qkv, heads), atol=1e-5)
+    torch.testing.assert_close(lse.double(), _reference_lse(qkv, heads, None), atol=1e-3, rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 48, 80, 96, 128])
+def test_gpu_head_dims_bf16(head_dim):
+    _check_batched(_packed_qkv(2, 261, 4, head_dim, torch.bfloat16), 4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_varlen_bf16():
+    _check_varlen(
+        [257, 1, 1370, 17, 261], 6, 64, torch.bfloat16, head_scale=torch.rand(5, 6, device=DEVICE)
+    )
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_batch_heads_beyond_grid_y_limit():
+    batch, heads = 11_000, 6  # 66,000 programs on axis 0
+    qkv = _packed_qkv(batch, 17, heads, 64, torch.bfloat16)
+    out, _ = _run(qkv, heads)
+    assert_close_2x(out, reference.attention(qkv.float(), heads), _sdpa(qkv, heads), atol=1e-5)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_int32():
+    # 2^31 + elements in qkv: the last sequences start past the int32 offset range.
+    heads, head_dim, tokens = 6, 64, 1370
+    batch = (2**31) // (tokens * 3 * heads * head_dim) + 2
+    qkv = torch.empty(batch, tokens, 3 * heads * head_dim, device=DEVICE, dtype=torch.bfloat16)
+    qkv.normal_()
+    assert qkv.numel() > 2**31
+    out, lse = flash_attention(qkv, heads)
+    tail = qkv[-2:]
+    assert_close_2x(
+        out[-2:], reference.attention(tail.float(), heads), _sdpa(tail, heads), atol=1e-5
+    )
+    torch.testing.assert_close(
+        lse[-2:].double(), _reference_lse(tail, heads, None), atol=1e-3, rtol=1e-4
+    )
