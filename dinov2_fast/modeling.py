@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from .config import Dinov2Config
 from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
@@ -28,9 +29,6 @@ __all__ = [
     "Dinov2WithRegistersForImageClassification",
     "Dinov2WithRegistersModel",
 ]
-
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "DINOV2_FAST_BACKEND"
 
 _ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU}
 
@@ -149,6 +147,22 @@ class Dinov2SelfAttention(nn.Module):
         self.query = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.key = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.value = nn.Linear(hidden, hidden, bias=config.qkv_bias)
+        self._packed: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
+
+    def packed_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``[q | k | v]`` weight and bias for one QKV GEMM, packed once and re-packed
+        whenever a source parameter changes (in-place update, ``.to()``, ``load_state_dict``)."""
+        projections = (self.query, self.key, self.value)
+        weights = [p.weight for p in projections]
+        biases = [p.bias for p in projections] if self.query.bias is not None else []
+        if torch.compiler.is_compiling():
+            return torch.cat(weights), torch.cat(biases) if biases else None
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases)
+        if self._packed is None or self._packed[0] != stamp:
+            with torch.no_grad():
+                bias = torch.cat(biases) if biases else None
+                self._packed = (stamp, torch.cat(weights), bias)
+        return self._packed[1], self._packed[2]
 
     def forward(
         self,
@@ -223,6 +237,13 @@ class Dinov2MLP(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(hidden_state)))
 
+    def forward_fused(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(hidden_state)
+        hidden = (
+            ops.gelu(hidden) if isinstance(self.activation, nn.GELU) else self.activation(hidden)
+        )
+        return self.fc2(hidden)
+
 
 class Dinov2SwiGLUFFN(nn.Module):
     """SwiGLU with the packed ``[gate | up]`` input projection."""
@@ -235,6 +256,9 @@ class Dinov2SwiGLUFFN(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         gate, up = self.weights_in(hidden_state).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
+
+    def forward_fused(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.weights_out(ops.swiglu(self.weights_in(hidden_state)))
 
 
 class Dinov2DropPath(nn.Module):
@@ -279,6 +303,43 @@ class Dinov2Layer(nn.Module):
         ffn = self.mlp(self.norm2(hidden_states))
         return self.drop_path(self.layer_scale2(ffn)) + hidden_states, probs
 
+    def forward_fused(
+        self,
+        hidden_states: torch.Tensor,
+        normed: torch.Tensor,
+        head_scale: torch.Tensor | None,
+        next_norm: nn.LayerNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the fused ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
+
+        Returns the block's output and its LayerNorm by ``next_norm`` (the next block's
+        norm1, or the final LayerNorm), both from one pass over the residual stream.
+        """
+        attention = self.attention.attention
+        weight, bias = attention.packed_qkv()
+        context = ops.attention(
+            F.linear(normed, weight, bias),
+            attention.num_attention_heads,
+            scale=attention.scaling,
+            head_scale=None if head_scale is None else head_scale.flatten(),
+        )
+        hidden_states, normed = ops.add_layerscale_layernorm(
+            hidden_states,
+            self.attention.output.dense(context),
+            self.layer_scale1.lambda1,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.norm2.eps,
+        )
+        return ops.add_layerscale_layernorm(
+            hidden_states,
+            self.mlp.forward_fused(normed),
+            self.layer_scale2.lambda1,
+            next_norm.weight,
+            next_norm.bias,
+            next_norm.eps,
+        )
+
 
 class Dinov2Encoder(nn.Module):
     def __init__(self, config: Dinov2Config) -> None:
@@ -312,15 +373,26 @@ class Dinov2Encoder(nn.Module):
             None if all_probs is None else tuple(all_probs),
         )
 
-
-def _resolve_backend(requested: str) -> str:
-    """The backend a forward runs: the environment override wins, then the request."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; use one of {BACKENDS}")
-        return forced
-    return requested
+    def forward_fused(
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: list[torch.Tensor | None],
+        output_hidden_states: bool,
+        final_norm: nn.LayerNorm,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """All blocks on the fused ops; returns ``final_norm`` of the last block's output
+        (fused into that block) and the per-layer outputs when asked for."""
+        first = self.layer[0].norm1
+        normed = ops.layer_norm(hidden_states, first.weight, first.bias, first.eps)
+        all_hidden = [hidden_states] if output_hidden_states else None
+        next_norms = [layer.norm1 for layer in self.layer[1:]] + [final_norm]
+        for layer, head_scale, next_norm in zip(self.layer, head_mask, next_norms, strict=True):
+            hidden_states, normed = layer.forward_fused(
+                hidden_states, normed, head_scale, next_norm
+            )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        return normed, None if all_hidden is None else tuple(all_hidden)
 
 
 class Dinov2PreTrainedModel(nn.Module):
@@ -364,10 +436,66 @@ class Dinov2PreTrainedModel(nn.Module):
 
     def set_backend(self, backend: str) -> Dinov2PreTrainedModel:
         """Choose ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         return self
+
+    def _fused_backend(self, pixel_values: torch.Tensor, output_attentions: bool) -> str | None:
+        """The ops backend for the fused forward of this call, or None for the module path.
+
+        ``DINOV2_FAST_BACKEND`` overrides the model's backend. The module path serves calls
+        the kernels cannot: attention probabilities, active dropout, and gradients (no
+        backward kernels yet). ``"auto"`` fuses on CUDA only; ``"triton"`` also runs under
+        the Triton interpreter and raises where no kernel can run.
+        """
+        backend = os.environ.get(ops.BACKEND_ENV_VAR) or self.backend
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"{ops.BACKEND_ENV_VAR}={backend!r}; use one of {ops.BACKENDS}")
+        if backend == "torch":
+            return None
+        device = pixel_values.device
+        if backend == "triton" and not ops.triton_available(device):
+            raise RuntimeError(
+                f"backend='triton' cannot run on {device}: it needs CUDA and triton, or "
+                "TRITON_INTERPRET=1 for the CPU interpreter; use backend='auto' or 'torch'"
+            )
+        config = self.config
+        dropout = self.training and (
+            config.hidden_dropout_prob > 0
+            or config.attention_probs_dropout_prob > 0
+            or config.drop_path_rate > 0
+        )
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if output_attentions or dropout or needs_grad or config.num_hidden_layers == 0:
+            return None
+        if backend == "auto" and not (device.type == "cuda" and ops.triton_available(device)):
+            return None
+        return backend
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        head_scales: list[torch.Tensor | None],
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, str]:
+        """Embeddings and blocks: the final LayerNorm of the output, the per-layer outputs,
+        the attention probabilities, and the ops backend that ran ("torch" for modules)."""
+        fused = self._fused_backend(pixel_values, output_attentions)
+        if fused is None:
+            embedded = self.embeddings(pixel_values, bool_masked_pos)
+            last, hidden_states, attentions = self.encoder(
+                embedded, head_scales, output_attentions, output_hidden_states
+            )
+            return self.layernorm(last), hidden_states, attentions, "torch"
+        with ops.use_backend(fused):
+            embedded = self.embeddings(pixel_values, bool_masked_pos)
+            normed, hidden_states = self.encoder.forward_fused(
+                embedded, head_scales, output_hidden_states, self.layernorm
+            )
+        return normed, hidden_states, None, fused
 
     def gradient_checkpointing_enable(self) -> None:
         for module in self.modules():
@@ -529,12 +657,13 @@ class Dinov2Model(Dinov2PreTrainedModel):
             raise ValueError("pixel_values is required")
         self._check_pixel_values(pixel_values)
         self._check_masked_pos(bool_masked_pos, pixel_values)
-        head_scales = self._head_scales(head_mask)
-        embedded = self.embeddings(pixel_values, bool_masked_pos)
-        last, hidden_states, attentions = self.encoder(
-            embedded, head_scales, bool(output_attentions), bool(output_hidden_states)
+        sequence, hidden_states, attentions, _ = self._encode(
+            pixel_values,
+            bool_masked_pos,
+            self._head_scales(head_mask),
+            bool(output_attentions),
+            bool(output_hidden_states),
         )
-        sequence = self.layernorm(last)
         out = BaseModelOutputWithPooling(
             last_hidden_state=sequence,
             pooler_output=sequence[:, 0],
@@ -648,19 +777,23 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
         return_dict: bool | None = None,
     ) -> BackboneOutput | tuple[torch.Tensor, ...]:
         self._check_pixel_values(pixel_values)
-        embedded = self.embeddings(pixel_values)
-        _, hidden_states, attentions = self.encoder(
-            embedded, self._head_scales(None), bool(output_attentions), True
+        last_normed, hidden_states, attentions, backend = self._encode(
+            pixel_values, None, self._head_scales(None), bool(output_attentions), True
         )
         batch, _, height, width = pixel_values.shape
         patch = self.config.patch_size
         first_patch = 1 + self.config.num_register_tokens
+        norm = self.layernorm
         feature_maps = []
         for stage, state in zip(self.stage_names, hidden_states, strict=True):
             if stage not in self.out_features:
                 continue
             if self.config.apply_layernorm:
-                state = self.layernorm(state)
+                if state is hidden_states[-1]:
+                    state = last_normed
+                else:
+                    with ops.use_backend(backend):
+                        state = ops.layer_norm(state, norm.weight, norm.bias, norm.eps)
             if self.config.reshape_hidden_states:
                 state = state[:, first_patch:].reshape(batch, height // patch, width // patch, -1)
                 state = state.permute(0, 3, 1, 2).contiguous()
