@@ -10,6 +10,7 @@ from .modeling import (
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
 )
+from .optimize import optimize, register_attention_implementation
 from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
 __version__ = "0.1.0"
@@ -27,4 +28,6 @@ __all__ = [
     "Dinov2WithRegistersForImageClassification",
     "Dinov2WithRegistersModel",
     "ImageClassifierOutput",
+    "optimize",
+    "register_attention_implementation",
 ]

@@ -147,22 +147,6 @@ class Dinov2SelfAttention(nn.Module):
         self.query = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.key = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.value = nn.Linear(hidden, hidden, bias=config.qkv_bias)
-        self._packed: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
-
-    def packed_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ``[q | k | v]`` weight and bias for one QKV GEMM, packed once and re-packed
-        whenever a source parameter changes (in-place update, ``.to()``, ``load_state_dict``)."""
-        projections = (self.query, self.key, self.value)
-        weights = [p.weight for p in projections]
-        biases = [p.bias for p in projections] if self.query.bias is not None else []
-        if torch.compiler.is_compiling():
-            return torch.cat(weights), torch.cat(biases) if biases else None
-        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases)
-        if self._packed is None or self._packed[0] != stamp:
-            with torch.no_grad():
-                bias = torch.cat(biases) if biases else None
-                self._packed = (stamp, torch.cat(weights), bias)
-        return self._packed[1], self._packed[2]
 
     def forward(
         self,
@@ -237,13 +221,6 @@ class Dinov2MLP(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(hidden_state)))
 
-    def forward_fused(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(hidden_state)
-        hidden = (
-            ops.gelu(hidden) if isinstance(self.activation, nn.GELU) else self.activation(hidden)
-        )
-        return self.fc2(hidden)
-
 
 class Dinov2SwiGLUFFN(nn.Module):
     """SwiGLU with the packed ``[gate | up]`` input projection."""
@@ -256,9 +233,6 @@ class Dinov2SwiGLUFFN(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         gate, up = self.weights_in(hidden_state).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
-
-    def forward_fused(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        return self.weights_out(ops.swiglu(self.weights_in(hidden_state)))
 
 
 class Dinov2DropPath(nn.Module):
@@ -275,6 +249,71 @@ class Dinov2DropPath(nn.Module):
         shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
         mask = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
         return hidden_states / keep * torch.floor(mask + keep)
+
+
+def packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[q | k | v]`` weight and bias of a self-attention module for one QKV GEMM.
+
+    Packed once and cached on the module; re-packed whenever a source parameter changes
+    (in-place update, ``.to()``, ``load_state_dict``), so it is never stale.
+    """
+    projections = (attention.query, attention.key, attention.value)
+    weights = [p.weight for p in projections]
+    biases = [p.bias for p in projections] if attention.query.bias is not None else []
+    if torch.compiler.is_compiling():
+        return torch.cat(weights), torch.cat(biases) if biases else None
+    stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases)
+    cached = getattr(attention, "_dinov2_fast_packed", None)
+    if cached is None or cached[0] != stamp:
+        with torch.no_grad():
+            cached = (stamp, torch.cat(weights), torch.cat(biases) if biases else None)
+        attention._dinov2_fast_packed = cached
+    return cached[1], cached[2]
+
+
+def fused_block(
+    layer: nn.Module,
+    exact_gelu: bool,
+    hidden_states: torch.Tensor,
+    normed: torch.Tensor,
+    head_scale: torch.Tensor | None,
+    next_norm: nn.LayerNorm | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One block on the fused ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
+
+    ``layer`` is a ``Dinov2Layer`` of this library or of transformers (same module names).
+    Returns the block's output and, when ``next_norm`` is given (the next block's norm1 or
+    the final LayerNorm), its LayerNorm from the same pass over the residual stream.
+    """
+    attention = layer.attention.attention
+    weight, bias = packed_qkv(attention)
+    context = ops.attention(
+        F.linear(normed, weight, bias),
+        attention.num_attention_heads,
+        scale=attention.scaling,
+        head_scale=None if head_scale is None else head_scale.flatten(),
+    )
+    norm2 = layer.norm2
+    hidden_states, normed = ops.add_layerscale_layernorm(
+        hidden_states,
+        layer.attention.output.dense(context),
+        layer.layer_scale1.lambda1,
+        norm2.weight,
+        norm2.bias,
+        norm2.eps,
+    )
+    mlp = layer.mlp
+    if hasattr(mlp, "weights_in"):
+        ffn = mlp.weights_out(ops.swiglu(mlp.weights_in(normed)))
+    else:
+        hidden = mlp.fc1(normed)
+        ffn = mlp.fc2(ops.gelu(hidden) if exact_gelu else mlp.activation(hidden))
+    scale = layer.layer_scale2.lambda1
+    if next_norm is None:
+        return torch.addcmul(hidden_states, scale, ffn), None
+    return ops.add_layerscale_layernorm(
+        hidden_states, ffn, scale, next_norm.weight, next_norm.bias, next_norm.eps
+    )
 
 
 class Dinov2Layer(nn.Module):
@@ -303,49 +342,13 @@ class Dinov2Layer(nn.Module):
         ffn = self.mlp(self.norm2(hidden_states))
         return self.drop_path(self.layer_scale2(ffn)) + hidden_states, probs
 
-    def forward_fused(
-        self,
-        hidden_states: torch.Tensor,
-        normed: torch.Tensor,
-        head_scale: torch.Tensor | None,
-        next_norm: nn.LayerNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on the fused ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
-
-        Returns the block's output and its LayerNorm by ``next_norm`` (the next block's
-        norm1, or the final LayerNorm), both from one pass over the residual stream.
-        """
-        attention = self.attention.attention
-        weight, bias = attention.packed_qkv()
-        context = ops.attention(
-            F.linear(normed, weight, bias),
-            attention.num_attention_heads,
-            scale=attention.scaling,
-            head_scale=None if head_scale is None else head_scale.flatten(),
-        )
-        hidden_states, normed = ops.add_layerscale_layernorm(
-            hidden_states,
-            self.attention.output.dense(context),
-            self.layer_scale1.lambda1,
-            self.norm2.weight,
-            self.norm2.bias,
-            self.norm2.eps,
-        )
-        return ops.add_layerscale_layernorm(
-            hidden_states,
-            self.mlp.forward_fused(normed),
-            self.layer_scale2.lambda1,
-            next_norm.weight,
-            next_norm.bias,
-            next_norm.eps,
-        )
-
 
 class Dinov2Encoder(nn.Module):
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__()
         self.layer = nn.ModuleList(Dinov2Layer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.exact_gelu = not config.use_swiglu_ffn and config.hidden_act == "gelu"
 
     def forward(
         self,
@@ -387,8 +390,8 @@ class Dinov2Encoder(nn.Module):
         all_hidden = [hidden_states] if output_hidden_states else None
         next_norms = [layer.norm1 for layer in self.layer[1:]] + [final_norm]
         for layer, head_scale, next_norm in zip(self.layer, head_mask, next_norms, strict=True):
-            hidden_states, normed = layer.forward_fused(
-                hidden_states, normed, head_scale, next_norm
+            hidden_states, normed = fused_block(
+                layer, self.exact_gelu, hidden_states, normed, head_scale, next_norm
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)

@@ -1,0 +1,186 @@
+"""Put transformers' own DINOv2 models on the fused ops, in place.
+
+``optimize(model)`` keeps the model's class, config, parameters and ``state_dict`` keys; it
+rebinds ``forward`` on each ``Dinov2Layer`` instance (and the final LayerNorm) so every block
+runs one packed QKV GEMM, flash attention on the packed output, residual + LayerScale +
+LayerNorm in one pass and a fused FFN epilogue. The layers are still called as modules, so
+transformers' hooks still collect ``hidden_states``. Calls the kernels cannot serve take the
+original forward: recorded attention probabilities, gradients, active dropout.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from .modeling import fused_block
+
+__all__ = ["ATTENTION_IMPLEMENTATION", "optimize", "register_attention_implementation"]
+
+ATTENTION_IMPLEMENTATION = "dinov2_fast"
+
+_SUPPORTED = (
+    "Dinov2Model",
+    "Dinov2ForImageClassification",
+    "Dinov2Backbone",
+    "Dinov2WithRegistersModel",
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersBackbone",
+)
+
+
+def _transformers_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract on top of ``ops.attention``.
+
+    q, k, v arrive as (B, H, N, Dh) views of three projections, so they are packed into the
+    kernel's (B, N, 3*H*Dh) layout with one copy; ``optimize`` avoids that copy by packing
+    the weights instead. Masks and dropout take transformers' SDPA function.
+    """
+    if attention_mask is not None or (dropout > 0 and module.training):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    batch, heads, tokens, head_dim = query.shape
+    qkv = torch.stack([query, key, value], dim=1).permute(0, 3, 1, 2, 4)
+    out = ops.attention(qkv.reshape(batch, tokens, 3 * heads * head_dim), heads, scale=scaling)
+    return out.view(batch, tokens, heads, head_dim), None
+
+
+def register_attention_implementation() -> str:
+    """Register the flash-attention kernel with transformers as ``"dinov2_fast"``, so
+    ``from_pretrained(..., attn_implementation="dinov2_fast")`` can name it. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, _transformers_attention)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, _image_mask)
+    return ATTENTION_IMPLEMENTATION
+
+
+def _image_mask(
+    *, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> torch.Tensor | None:
+    """Images have no padding: no mask (the kernel's case) unless one was given."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def _recording_attentions() -> bool:
+    """Whether transformers' output hooks are collecting attention probabilities now."""
+    from transformers.utils.output_capturing import _active_collector
+
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _needs_original(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    if torch.is_grad_enabled() and (
+        hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
+    ):
+        return True
+    return module.training or _recording_attentions()
+
+
+def _fused_layer_forward(exact_gelu: bool, original: Callable) -> Callable:
+    def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        extra = [*args, *kwargs.values()]
+        if any(a is not None for a in extra) or _needs_original(self, hidden_states):
+            return original(hidden_states, *args, **kwargs)
+        norm1 = self.norm1
+        normed = ops.layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps)
+        return fused_block(self, exact_gelu, hidden_states, normed, None, None)[0]
+
+    return forward
+
+
+def _fused_layernorm_forward(original: Callable) -> Callable:
+    def forward(self: nn.LayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _needs_original(self, hidden_states):
+            return original(hidden_states)
+        return ops.layer_norm(hidden_states, self.weight, self.bias, self.eps)
+
+    return forward
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Put a transformers 5.x DINOv2 model (``Dinov2Model``, ``Dinov2ForImageClassification``,
+    ``Dinov2Backbone`` or a with-registers class) on the fused ops, in place; returns it.
+
+    The kernels run where ``dinov2_fast.ops`` can run them (CUDA, or the Triton interpreter),
+    the reference ops elsewhere. Idempotent.
+    """
+    name = type(model).__name__
+    if name not in _SUPPORTED or not type(model).__module__.startswith("transformers."):
+        raise TypeError(
+            f"optimize() takes a transformers DINOv2 model ({', '.join(_SUPPORTED)}), got {name}; "
+            "dinov2_fast's own models are fused already (model.set_backend('auto'))"
+        )
+    config = model.config
+    exact_gelu = not config.use_swiglu_ffn and config.hidden_act == "gelu"
+    layers = [
+        m for m in model.modules() if type(m).__name__.endswith("Layer") and hasattr(m, "mlp")
+    ]
+    norms = [m for n, m in model.named_modules() if n.split(".")[-1] == "layernorm"]
+    for layer in layers:
+        _check_layer(layer)
+    for layer in layers:
+        if not hasattr(layer, "_dinov2_fast_original"):
+            layer._dinov2_fast_original = layer.forward
+        layer.forward = types.MethodType(
+            _fused_layer_forward(exact_gelu, layer._dinov2_fast_original), layer
+        )
+    for norm in norms:
+        if not hasattr(norm, "_dinov2_fast_original"):
+            norm._dinov2_fast_original = norm.forward
+        norm.forward = types.MethodType(_fused_layernorm_forward(norm._dinov2_fast_original), norm)
+    register_attention_implementation()
+    return model
+
+
+def _check_layer(layer: nn.Module) -> None:
+    required = (
+        "norm1",
+        "norm2",
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "layer_scale1",
+        "layer_scale2",
+    )
+    missing = [path for path in required if not _has_path(layer, path)]
+    mlp = layer.mlp
+    if not (hasattr(mlp, "weights_in") or (hasattr(mlp, "fc1") and hasattr(mlp, "activation"))):
+        missing.append("mlp.fc1/activation or mlp.weights_in")
+    if missing:
+        raise TypeError(
+            f"this {type(layer).__name__} lacks {missing}: optimize() supports the module "
+            "layout of transformers 5.17"
+        )
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    for part in path.split("."):
+        if not hasattr(module, part):
+            return False
+        module = getattr(module, part)
+    return True
