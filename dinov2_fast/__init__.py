@@ -1,6 +1,7 @@
 """dinov2_fast: DINOv2 with fused Triton kernels and the Hugging Face transformers API."""
 
 from .config import Dinov2Config, Dinov2WithRegistersConfig
+from .cuda_graph import cuda_graph
 from .modeling import (
     Dinov2Backbone,
     Dinov2ForImageClassification,
@@ -28,6 +29,7 @@ __all__ = [
     "Dinov2WithRegistersForImageClassification",
     "Dinov2WithRegistersModel",
     "ImageClassifierOutput",
+    "cuda_graph",
     "optimize",
     "register_attention_implementation",
 ]

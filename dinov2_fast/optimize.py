@@ -88,7 +88,12 @@ def _recording_attentions() -> bool:
     """Whether transformers' output hooks are collecting attention probabilities now."""
     from transformers.utils.output_capturing import _active_collector
 
-    collected = _active_collector.get()
+    # Under torch.compile transformers keeps the collector in a plain attribute, since
+    # dynamo cannot trace ContextVar.get.
+    if torch.compiler.is_compiling():
+        collected = _active_collector.global_var
+    else:
+        collected = _active_collector.get()
     return collected is not None and "attentions" in collected
 
 

@@ -1,0 +1,119 @@
+"""CUDA-graph replay of a model's forward for fixed input shapes.
+
+Small batches are launch-bound: a ViT block is a dozen kernels, and at batch 1 the CPU
+issuing them is slower than the GPU running them. Replaying a captured graph issues the
+whole forward at once.
+
+Contract of ``cuda_graph(model)``'s callable:
+- one graph per (shape, dtype, device) of ``pixel_values``, captured on first use;
+- inputs are copied into the graph's static input buffer;
+- outputs are fresh tensors by default (``copy_outputs=True``); with ``copy_outputs=False``
+  they are the graph's static buffers, overwritten by the next call of the same shape;
+- any change to the model's parameters or buffers (in place, ``.to()``, ``load_state_dict``)
+  re-captures on the next call, so a replay never runs stale weights;
+- inference only: it runs under ``torch.no_grad()`` and refuses a model in training mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CudaGraphRunner", "cuda_graph"]
+
+
+def _weights_stamp(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return type(value)(**{k: _map_tensors(value[k], fn) for k in value.keys()})
+    return value
+
+
+class CudaGraphRunner:
+    """Callable that replays ``model(pixel_values, **forward_kwargs)`` from CUDA graphs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        copy_outputs: bool = True,
+        warmup_steps: int = 2,
+        **forward_kwargs: Any,
+    ) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cuda_graph needs a CUDA device; none is available")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the model on a CUDA device; it is on {device}")
+        self.model = model
+        self.copy_outputs = copy_outputs
+        self.warmup_steps = warmup_steps
+        self.forward_kwargs = forward_kwargs
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def __call__(self, pixel_values: torch.Tensor) -> Any:
+        if self.model.training:
+            raise RuntimeError("cuda_graph replays inference only; call model.eval() first")
+        device = next(self.model.parameters()).device
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.device != device:
+            raise ValueError(
+                f"pixel_values must be a tensor on the model's device {device}, got "
+                f"{getattr(pixel_values, 'device', type(pixel_values))}"
+            )
+        key = (tuple(pixel_values.shape), pixel_values.dtype)
+        stamp = _weights_stamp(self.model)
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = self._capture(pixel_values, stamp)
+            self._graphs[key] = entry
+        _, graph, static_input, static_output = entry
+        static_input.copy_(pixel_values)
+        graph.replay()
+        if self.copy_outputs:
+            return _map_tensors(static_output, torch.Tensor.clone)
+        return static_output
+
+    @torch.no_grad()
+    def _capture(self, pixel_values: torch.Tensor, stamp: tuple[Any, ...]) -> tuple[Any, ...]:
+        static_input = pixel_values.clone()
+        # Warm up on a side stream: kernel compilation and autotuning cannot be captured.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                self.model(static_input, **self.forward_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_output = self.model(static_input, **self.forward_kwargs)
+        return stamp, graph, static_input, static_output
+
+
+def cuda_graph(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    copy_outputs: bool = True,
+    **forward_kwargs: Any,
+) -> CudaGraphRunner:
+    """A callable replaying ``model``'s forward from CUDA graphs (see the module docstring).
+
+    ``example_input`` captures its shape right away; ``forward_kwargs`` (e.g.
+    ``output_hidden_states=True``) are passed to every call.
+    """
+    runner = CudaGraphRunner(model, copy_outputs=copy_outputs, **forward_kwargs)
+    if example_input is not None:
+        runner(example_input)
+    return runner

@@ -1,0 +1,70 @@
+"""torch.compile(fullgraph=True) through the fused path, and CUDA-graph replay."""
+
+import copy
+
+import pytest
+import torch
+
+import dinov2_fast
+from dinov2_fast.kernels._common import count_launches
+from tests._models import hf_model, randomize, rel_err
+
+pytest.importorskip("triton")
+
+HEAD64 = {"hidden_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
+
+
+def _our_model():
+    config = dinov2_fast.Dinov2Config(**HEAD64, image_size=56)
+    return randomize(dinov2_fast.Dinov2Model(config)).eval()
+
+
+@torch.no_grad()
+def test_fullgraph_compile_of_our_model_runs_the_kernels():
+    model = _our_model()
+    pixels = torch.randn(2, 3, 56, 70)
+    expected = model.set_backend("torch")(pixels).last_hidden_state
+    compiled = torch.compile(model.set_backend("triton"), fullgraph=True, backend="aot_eager")
+    with count_launches() as launches:
+        out = compiled(pixels).last_hidden_state
+    assert launches["attention"] == 2 and launches["add_layerscale_layernorm"] == 4
+    assert rel_err(out, expected) <= 1e-4
+
+
+@torch.no_grad()
+def test_fullgraph_compile_of_an_optimized_transformers_model():
+    original = hf_model("Dinov2Model", **HEAD64)
+    fast = dinov2_fast.optimize(copy.deepcopy(original))
+    pixels = torch.randn(1, 3, 56, 56)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with count_launches() as launches:
+        out = compiled(pixels).last_hidden_state
+    assert launches["attention"] == 2
+    assert rel_err(out, original(pixels).last_hidden_state) <= 1e-4
+
+
+def test_cuda_graph_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        dinov2_fast.cuda_graph(_our_model())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_replay_equals_eager():
+    model = _our_model().cuda().half()
+    runner = dinov2_fast.cuda_graph(model, output_hidden_states=True)
+    for shape in [(1, 3, 56, 56), (4, 3, 70, 42), (1, 3, 56, 56)]:
+        pixels = torch.randn(shape, device="cuda", dtype=torch.half)
+        replayed, eager = runner(pixels), model(pixels, output_hidden_states=True)
+        assert torch.equal(replayed.last_hidden_state, eager.last_hidden_state)
+        assert len(replayed.hidden_states) == 3
+    first = runner(pixels).last_hidden_state
+    runner(torch.randn_like(pixels))
+    assert torch.equal(first, eager.last_hidden_state)  # not overwritten by the next call
+    model.layernorm.weight.mul_(2)  # in-place change: the next call re-captures
+    assert torch.equal(runner(pixels).last_hidden_state, model(pixels).last_hidden_state)
+    compiled = torch.compile(model, fullgraph=True)
+    assert rel_err(compiled(pixels).last_hidden_state, model(pixels).last_hidden_state) <= 1e-3
