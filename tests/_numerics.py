@@ -3,11 +3,45 @@
 A low-precision kernel is held to PyTorch itself: its error against a float32 (or float64)
 reference may be at most twice the error PyTorch makes computing the same thing in the same
 dtype, plus a small absolute slack for results PyTorch happens to get exactly right.
+Also: inputs with strided rows and NaN-poisoned outputs, and (on import) a fix that makes
+the Triton interpreter round bf16 like the GPU.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def _round_bf16_to_nearest_in_interpreter() -> None:
+    """Make Triton 3.6's interpreter round fp32 -> bf16 casts to nearest even, as the GPU does.
+
+    The interpreter truncates them (``InterpreterBuilder.cast_impl``), which alone doubles a
+    bf16 kernel's error and would fail the 2x rule on the CPU for a kernel that is right on
+    the GPU. Applied when this module is imported, i.e. by every kernel test.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    truncating_cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(truncating_cast, "rounds_bf16_to_nearest", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return truncating_cast(self, src, dst_type)
+
+    cast_impl.rounds_bf16_to_nearest = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+_round_bf16_to_nearest_in_interpreter()
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -46,3 +80,24 @@ def assert_close_2x(
     assert out_rms <= 2 * torch_rms + atol, (
         f"{name}: rms error {out_rms:.3e} > 2 x PyTorch's {torch_rms:.3e} + {atol:.1e}"
     )
+
+
+def row_strided(shape: tuple[int, ...], dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
+    """Fresh ``randn`` tensor of ``shape``; with ``pad`` > 0 a view into a wider tensor, so
+    its rows are strided (the last dim stays contiguous)."""
+    wide = torch.randn(*shape[:-1], shape[-1] + pad, dtype=torch.float32).to(dtype)
+    return wide[..., : shape[-1]]
+
+
+def poisoned_rows(
+    shape: tuple[int, ...], dtype: torch.dtype, pad: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view, backing tensor) of NaN: a kernel writing into ``view`` must fill it entirely
+    and leave the backing tensor's padding columns NaN."""
+    wide = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype)
+    return wide[..., : shape[-1]], wide
+
+
+def assert_padding_untouched(backing: torch.Tensor, width: int) -> None:
+    """The columns past ``width`` of a poisoned backing tensor are still all NaN."""
+    assert torch.isnan(backing[..., width:]).all(), "kernel wrote outside its rows"

@@ -67,6 +67,10 @@ def _reference_lse(qkv: torch.Tensor, heads: int, scale: float | None) -> torch.
     return torch.logsumexp((q @ k.transpose(-1, -2)) * scale, dim=-1)
 
 
+def _assert_lse_close(lse: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
+    torch.testing.assert_close(lse.double(), expected, atol=atol, rtol=1e-5)
+
+
 def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
@@ -99,9 +103,7 @@ def _check_batched(
     exact_head_scale = None if head_scale is None else head_scale.double()
     ref = reference.attention(qkv.double(), heads, scale=scale, head_scale=exact_head_scale)
     assert_close_2x(out, ref, _eager_attention(qkv, heads, scale, head_scale), atol=1e-5)
-    torch.testing.assert_close(
-        lse.double(), _reference_lse(qkv, heads, scale), atol=1e-4, rtol=1e-5
-    )
+    _assert_lse_close(lse, _reference_lse(qkv, heads, scale))
 
 
 # (batch, tokens, heads, head_dim, dtype): the model's token counts (1 query, ragged tails,
@@ -112,6 +114,7 @@ BATCHED_CASES = [
     (1, 257, 6, 64, torch.float16),
     (3, 261, 1, 64, torch.float32),
     (1, 1370, 1, 64, torch.float16),
+    (2, 128, 2, 64, torch.float16),
     (3, 17, 1, 48, torch.float32),
     (1, 257, 1, 96, torch.float16),
     (1, 130, 1, 128, torch.float16),
@@ -133,7 +136,7 @@ def test_other_head_dims(head_dim):
     _check_batched(_packed_qkv(1, 70, 2, head_dim, torch.float16), 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_strided_qkv(dtype):
     qkv = _packed_qkv(3, 70, 2, 64, dtype, strided=True)
     assert not qkv.is_contiguous()
@@ -154,8 +157,12 @@ def test_strided_out():
 @pytest.mark.parametrize("per_batch", [False, True], ids=["H", "BxH"])
 def test_head_scale(per_batch):
     batch, heads = 3, 4
-    shape = (batch, heads) if per_batch else (heads,)
-    head_scale = torch.rand(shape, device=DEVICE) * 2 - 0.5
+    if per_batch:
+        # A transposed view: the kernel must follow the table's strides.
+        head_scale = (torch.rand(heads, batch, device=DEVICE) * 2 - 0.5).t()
+        assert not head_scale.is_contiguous()
+    else:
+        head_scale = torch.rand(heads, device=DEVICE) * 2 - 0.5
     _check_batched(_packed_qkv(batch, 33, heads, 64, torch.float16), heads, head_scale=head_scale)
 
 
@@ -194,12 +201,7 @@ def _check_varlen(
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         seq_scale = head_scale if head_scale is None or head_scale.dim() == 1 else head_scale[i]
         eager.append(_eager_attention(qkv[None, start:end], heads, None, seq_scale)[0])
-        torch.testing.assert_close(
-            lse[:, start:end].double(),
-            _reference_lse(qkv[None, start:end], heads, None)[0],
-            atol=1e-4,
-            rtol=1e-5,
-        )
+        _assert_lse_close(lse[:, start:end], _reference_lse(qkv[None, start:end], heads, None)[0])
     assert_close_2x(out, ref, torch.cat(eager), atol=1e-5)
 
 
@@ -235,6 +237,7 @@ def _bad_call(**overrides) -> None:
         ({"head_scale": torch.ones(3, 2, device=DEVICE)}, ValueError, "head_scale must have"),
         ({"out": torch.empty(2, 8, 64, device=DEVICE)}, ValueError, "out must be"),
         ({"lse": torch.empty(2, 8, 2, device=DEVICE)}, ValueError, "lse must be"),
+        ({"scale": -0.125}, ValueError, "scale must be positive"),
     ],
     ids=[
         "2d-without-cu_seqlens",
@@ -246,6 +249,7 @@ def _bad_call(**overrides) -> None:
         "head_scale-batch",
         "out-shape",
         "lse-shape",
+        "negative-scale",
     ],
 )
 def test_rejects_bad_inputs(overrides, error, match):
@@ -296,15 +300,15 @@ def _sdpa(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("batch", "tokens", "heads"), [(8, 257, 6), (4, 1370, 12), (2, 5330, 6)])
 def test_gpu_matches_sdpa(batch, tokens, heads, dtype):
     qkv = _packed_qkv(batch, tokens, heads, 64, dtype)
     out, lse = _run(qkv, heads)
-    ref = reference.attention(qkv.float(), heads)
+    ref = reference.attention(qkv.double(), heads)
     # PyTorch's own flash attention in this dtype is the yardstick here.
     assert_close_2x(out, ref, _sdpa(qkv, heads), atol=1e-5)
-    torch.testing.assert_close(lse.double(), _reference_lse(qkv, heads, None), atol=1e-3, rtol=1e-4)
+    _assert_lse_close(lse, _reference_lse(qkv, heads, None), atol=1e-3)
 
 
 @gpu
@@ -328,7 +332,7 @@ def test_gpu_batch_heads_beyond_grid_y_limit():
     batch, heads = 11_000, 6  # 66,000 programs on axis 0
     qkv = _packed_qkv(batch, 17, heads, 64, torch.bfloat16)
     out, _ = _run(qkv, heads)
-    assert_close_2x(out, reference.attention(qkv.float(), heads), _sdpa(qkv, heads), atol=1e-5)
+    assert_close_2x(out, reference.attention(qkv.double(), heads), _sdpa(qkv, heads), atol=1e-5)
 
 
 @gpu
@@ -343,8 +347,6 @@ def test_gpu_offsets_beyond_int32():
     out, lse = flash_attention(qkv, heads)
     tail = qkv[-2:]
     assert_close_2x(
-        out[-2:], reference.attention(tail.float(), heads), _sdpa(tail, heads), atol=1e-5
+        out[-2:], reference.attention(tail.double(), heads), _sdpa(tail, heads), atol=1e-5
     )
-    torch.testing.assert_close(
-        lse[-2:].double(), _reference_lse(tail, heads, None), atol=1e-3, rtol=1e-4
-    )
+    _assert_lse_close(lse[-2:], _reference_lse(tail, heads, None), atol=1e-3)

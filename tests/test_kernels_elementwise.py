@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from _numerics import assert_close_2x, assert_padding_untouched, poisoned_rows, row_strided
 
 from dinov2_fast import reference
 from dinov2_fast.kernels import gelu, swiglu
-from dinov2_fast.kernels._common import count_launches
+from dinov2_fast.kernels._common import _prune_wide_column_tiles, count_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch, tokens, hidden): DINOv2's FFN widths (SwiGLU giant: 4096) at ragged token counts.
@@ -66,6 +67,19 @@ def test_rejects_bad_shapes() -> None:
         swiglu.swiglu(torch.randn(4, 7))
     with pytest.raises(ValueError, match="bias"):
         gelu.gelu(torch.randn(4, 8), torch.randn(7))
+
+
+@pytest.mark.parametrize("n_cols,widest", [(384, 512), (1536, 1024), (100, 512)])
+def test_autotune_pruning_keeps_tiles_that_fit(n_cols: int, widest: int) -> None:
+    """GPU autotuning drops column tiles wider than the padded row (the narrowest stays)."""
+    for tiles in (swiglu._TILES, gelu._TILES):
+        for arch_tiles in tiles.values():
+            configs = [
+                triton.Config({"BLOCK_ROWS": rows, "BLOCK_COLS": cols}, num_warps=warps)
+                for rows, cols, warps in arch_tiles
+            ]
+            kept = _prune_wide_column_tiles(configs, {"n_cols": n_cols})
+            assert kept and max(c.kwargs["BLOCK_COLS"] for c in kept) == widest
 
 
 @pytest.mark.gpu

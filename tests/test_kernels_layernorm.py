@@ -99,10 +99,15 @@ def test_add_layerscale_layernorm(case: tuple, fp32_residual: bool) -> None:
     )
 
 
-def test_fresh_outputs_and_column_major_input() -> None:
-    """Without out= the launcher allocates; a last dim that is not contiguous is copied."""
-    x = torch.randn(64, 384).t()
-    _, weight, bias = _params(64, torch.float32)
+@pytest.mark.parametrize(
+    "make_x",
+    [lambda: torch.randn(64, 384).t(), lambda: torch.randn(17, 3, 384).transpose(0, 1)],
+    ids=["strided-last-dim", "uncollapsible-rows"],
+)
+def test_fresh_outputs_from_layouts_that_need_a_copy(make_x) -> None:
+    """Without out= the launcher allocates; layouts one row stride cannot describe are copied."""
+    x = make_x()
+    _, weight, bias = _params(x.shape[-1], torch.float32)
     with count_launches() as launches:
         out = layernorm.layer_norm(x, weight, bias, EPS)
     assert launches == {"layer_norm": 1}

@@ -77,6 +77,24 @@ def output_rows(t: Any) -> Any:
         raise ValueError("an output's leading dimensions must collapse into one row stride") from e
 
 
+def output_tensor(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    """``out`` after checking its shape and dtype, or a fresh tensor when it is None."""
+    import torch
+
+    shape = tuple(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise ValueError(f"out must be {shape} {dtype}, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def check_vector(name: str, v: Any, length: int) -> None:
+    """A per-feature parameter (LayerNorm weight, bias, LayerScale) must be contiguous (length,)."""
+    if tuple(v.shape) != (length,) or (length > 1 and v.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous ({length},) vector, got {tuple(v.shape)}")
+
+
 def device_arch(device: Any) -> int:
     """Compute capability as an int (sm_90 -> 90); 0 for a non-CUDA (interpreted) device."""
     import torch

@@ -5,14 +5,14 @@ q, k and v are read by strides straight out of the QKV GEMM output, viewed as
 no transposes, no copies. Scores never leave registers; softmax statistics are fp32 and
 the log-sum-exp is stored for a later backward.
 
-Why no TMA descriptors on sm_90: a TMA descriptor needs a 16-byte-aligned global stride
-and describes a box inside one dense tensor. The packed layout has a row stride of
-3*H*Dh elements (fine) but each (batch, head) is a strided window whose rows belong to
-ragged sequences (N = 257, 1370, ... and varlen segments), so a descriptor would need
-either one descriptor per (batch, head) built on the host or in-kernel descriptor
-creation plus out-of-bounds handling at every segment end. For head_dim 64 the K/V tiles
-are small (8-16 KiB) and cp.async pipelining already keeps wgmma fed; the descriptor
-setup would cost more than it saves.
+Why no TMA descriptors on sm_90 (a judgement, not a measurement: no GPU was lent while this
+was written). A descriptor needs 16-byte-aligned strides, which arbitrary strided qkv does
+not guarantee, so the cp.async path must exist anyway; it needs a host-built descriptor per
+launch or a device-side allocator; and over a varlen batch it cannot clip at sequence ends
+inside the packed tensor, so the last key block still needs masked loads. What it would
+save is address arithmetic on 8-16 KiB K/V tiles that cp.async pipelining already streams
+into wgmma; Triton gains most from TMA together with warp specialization. Revisit if the
+H100 benchmark shows the key loop bound by loads.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, interpreting, record_launch
+from ._common import KernelSpec, device_arch, interpreting, nearest_arch, record_launch
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "compile_specs", "flash_attention"]
 
@@ -96,7 +96,7 @@ def _attention_fwd_kernel(
     head_scale_ptr,
     cu_seqlens_ptr,
     qk_scale_log2,
-    seq_len_or_max,
+    max_seqlen,
     num_heads,
     stride_qkv_batch,
     stride_qkv_token,
@@ -116,11 +116,16 @@ def _attention_fwd_kernel(
 ):
     """One program: BLOCK_M queries of one (batch or sequence, head) against all its keys.
 
-    Grid: axis 0 = batch*heads (or sequences*heads), axis 1 = query blocks. Axis 0 allows
-    2^31 - 1 programs; axes 1 and 2 stop at 65535.
+    Grid: (batch*heads or sequences*heads, query blocks). Axis 0 allows 2^31 - 1 programs;
+    axes 1 and 2 stop at 65535.
     """
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Programs start in launch order, axis 0 fastest. Re-deal the ids so that the query
+    # blocks of one head run side by side and share its K/V tiles in L2 instead of each
+    # re-reading them from HBM, while the grid keeps batch*heads on the large axis.
+    num_m_blocks = tl.num_programs(1)
+    launch_order = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    pid_bh = (launch_order // num_m_blocks).to(tl.int32)
+    pid_m = (launch_order % num_m_blocks).to(tl.int32)
     seq_idx = pid_bh // num_heads
     head = pid_bh % num_heads
     if VARLEN:
@@ -131,7 +136,8 @@ def _attention_fwd_kernel(
         out_base = out_ptr + seq_start.to(tl.int64) * stride_out_token
         lse_base = lse_ptr + head.to(tl.int64) * stride_lse_head + seq_start
     else:
-        seq_len = seq_len_or_max
+        # Batched: every sequence is max_seqlen long.
+        seq_len = max_seqlen
         qkv_base = qkv_ptr + seq_idx.to(tl.int64) * stride_qkv_batch
         out_base = out_ptr + seq_idx.to(tl.int64) * stride_out_batch
         lse_base = lse_ptr + pid_bh.to(tl.int64) * stride_lse_head
@@ -150,6 +156,8 @@ def _attention_fwd_kernel(
     k_col = (num_heads + head) * HEAD_DIM
     v_col = (2 * num_heads + head) * HEAD_DIM
 
+    # Offsets inside one block stay int32 (BLOCK * stride < 2^31 for any real layout); the
+    # block and sequence starts, which can pass 2^31 elements, are int64.
     q_ptrs = (
         qkv_base
         + block_start * stride_token
@@ -205,56 +213,70 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     )
 
 
-# Autotune lists per architecture, each led by the default config. Every entry compiles
-# for fp16 and bf16 at head_dim 64 without spills or local memory and within shared memory
-# (checked by kernels/report.py); _prune_for_head_dim drops the ones that do not for wider
-# heads.
-_CONFIGS: dict[int, list[triton.Config]] = {
-    80: [
+# Autotune lists per (architecture, padded head dim up to 64 / 128), each led by its default.
+# Every entry compiles for fp16 and bf16 without spills or local memory and within shared
+# memory (kernels/report.py checks them all). Shapes that spill were dropped: on sm_80 a
+# BLOCK_M of 64 against 128-wide heads makes Triton split the MMA warps along columns, and
+# BLOCK_N 128 with 4 warps overflows the register file everywhere.
+_CONFIGS: dict[tuple[int, int], list[triton.Config]] = {
+    (80, 64): [
         _config(128, 64, 4, 3),
         _config(64, 64, 4, 3),
         _config(128, 32, 4, 3),
         _config(128, 64, 8, 3),
         _config(128, 128, 8, 2),
     ],
-    90: [
+    (80, 128): [
+        _config(128, 32, 8, 3),
+        _config(128, 64, 8, 3),
+        _config(128, 32, 8, 2),
+    ],
+    (90, 64): [
         _config(128, 64, 4, 3),
         _config(128, 128, 8, 3),
         _config(128, 64, 8, 3),
         _config(64, 64, 4, 3),
+        _config(128, 64, 4, 4),
         _config(128, 128, 8, 2),
+    ],
+    (90, 128): [
+        _config(128, 64, 8, 3),
+        _config(128, 64, 8, 2),
+        _config(64, 64, 4, 3),
     ],
 }
 
 
-def _fits_head_dim(config: triton.Config, block_dmodel: int) -> bool:
-    """Whether a config stays within registers and shared memory for this padded head dim."""
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    # fp32 accumulator + fp32 scores per thread; beyond ~128 registers of the two, ptxas spills.
-    per_thread = (block_m * block_dmodel + block_m * block_n) // (32 * config.num_warps)
-    return block_dmodel <= 64 or per_thread <= 128
+# Query blocks go on grid axis 1, which CUDA caps at 65535.
+_MAX_TOKENS = 65535 * min(
+    config.kwargs["BLOCK_M"]
+    for configs in (*_CONFIGS.values(), [_INTERPRETER_CONFIG])
+    for config in configs
+)
 
 
-def _prune_for_head_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list:
-    fitting = [c for c in configs if _fits_head_dim(c, named_args["BLOCK_DMODEL"])]
-    return fitting or configs[:1]
-
-
-def _arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+def _config_width(block_dmodel: int) -> int:
+    return 64 if block_dmodel <= 64 else 128
 
 
 @functools.cache
-def _tuned_kernel(arch: int) -> triton.runtime.Autotuner:
+def _tuned_kernel(arch: int, width: int) -> triton.runtime.Autotuner:
     # Every config rewrites out and lse in full, so benchmarking needs no reset hooks.
     # Keyed on the exact (longest) sequence length like other flash kernels: varlen batches
     # tune once per distinct max_seqlen.
+    # cache_results keeps the choice on disk, so a new process does not re-tune.
     return triton.autotune(
-        configs=_CONFIGS[arch],
-        key=["HEAD_DIM", "seq_len_or_max"],
-        prune_configs_by={"early_config_prune": _prune_for_head_dim},
+        configs=_CONFIGS[(arch, width)], key=["HEAD_DIM", "max_seqlen"], cache_results=True
     )(_attention_fwd_kernel)
+
+
+def _check_cu_seqlens_values(bounds: list[int], total: int) -> None:
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at total={total}, got {bounds[0]}..{bounds[-1]}"
+        )
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+        raise ValueError("cu_seqlens must be non-decreasing")
 
 
 def _validate(
@@ -288,14 +310,9 @@ def _validate(
             )
         if cu_seqlens.device != qkv.device:
             raise ValueError("cu_seqlens must be on the same device as qkv")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != qkv.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at total={qkv.shape[0]}, "
-                f"got {bounds[0]}..{bounds[-1]}"
-            )
-        if any(b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
-            raise ValueError("cu_seqlens must be non-decreasing")
+        # Reading the values syncs the device, which CUDA-graph capture forbids.
+        if not (qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_cu_seqlens_values(cu_seqlens.tolist(), qkv.shape[0])
     if head_scale is not None:
         groups = qkv.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         allowed = [(num_heads,), (groups, num_heads)]
@@ -318,40 +335,43 @@ def flash_attention(
     max_seqlen: int | None = None,
     *,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention on the packed QKV projection; returns (out, lse).
 
     qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
-    (B, N, H*Dh) and lse (fp32) is (B, H, N). With cu_seqlens (int32 (S+1,), from 0) qkv
-    is (total, 3*H*Dh), each sequence attends within itself, out is (total, H*Dh) and lse
-    is (H, total); max_seqlen saves a device sync when given. head_scale, (H,) or (B, H)
-    ((S, H) with cu_seqlens), multiplies each head's output. scale defaults to
-    1/sqrt(Dh). `out`, when given, receives the result (same shape and dtype, last dim
-    contiguous).
+    (B, N, H*Dh) and lse (fp32, natural log) is (B, H, N). With cu_seqlens (int32 (S+1,),
+    from 0) qkv is (total, 3*H*Dh), each sequence attends within itself, out is
+    (total, H*Dh) and lse is (H, total); max_seqlen saves a device sync when given.
+    head_scale, (H,) or (B, H) ((S, H) with cu_seqlens), multiplies each head's output.
+    scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
+    when given, receive the results.
     """
     head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens)
     varlen = cu_seqlens is not None
     tokens = qkv.shape[-2]
+    groups = cu_seqlens.numel() - 1 if varlen else qkv.shape[0]
     out_shape = (*qkv.shape[:-1], num_heads * head_dim)
+    lse_shape = (num_heads, tokens) if varlen else (groups, num_heads, tokens)
     if out is None:
         out = torch.empty(out_shape, dtype=qkv.dtype, device=qkv.device)
     elif tuple(out.shape) != out_shape or out.dtype != qkv.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {out_shape} {qkv.dtype} with a contiguous last dim")
-    if varlen:
-        groups = cu_seqlens.numel() - 1
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        lse = torch.empty((num_heads, tokens), dtype=torch.float32, device=qkv.device)
-        stride_lse_head = tokens
-        seq_len_or_max = max_seqlen
-    else:
-        groups = qkv.shape[0]
+    if lse is None:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=qkv.device)
+    elif tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
+    if not varlen:
         max_seqlen = tokens
-        lse = torch.empty((groups, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-        stride_lse_head = tokens
-        seq_len_or_max = tokens
+    elif max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen > _MAX_TOKENS:
+        raise ValueError(f"sequence length {max_seqlen} exceeds {_MAX_TOKENS} tokens")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    elif not 0 < scale < math.inf:
+        # The kernel takes the row maximum before scaling, which needs a positive scale.
+        raise ValueError(f"scale must be positive and finite, got {scale}")
     if head_scale is None:
         head_scale_strides = (0, 0)
     elif head_scale.dim() == 1:
@@ -368,13 +388,13 @@ def flash_attention(
         head_scale,
         cu_seqlens,
         scale * _LOG2E,
-        seq_len_or_max,
+        max_seqlen,
         num_heads,
         qkv.stride(0) if not varlen else 0,
         qkv.stride(-2),
         out.stride(0) if not varlen else 0,
         out.stride(-2),
-        stride_lse_head,
+        tokens,
         *head_scale_strides,
     )
     flags = {
@@ -384,6 +404,8 @@ def flash_attention(
         "HAS_HEAD_SCALE": head_scale is not None,
         # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton #11584).
         "UPCAST_DOT": interpreting() and qkv.dtype == torch.bfloat16,
+        # fp32 inputs get exact products, as PyTorch's fp32 attention does; 16-bit operands
+        # ignore the setting.
         "DOT_PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32",
     }
 
@@ -398,7 +420,8 @@ def flash_attention(
             num_stages=config.num_stages,
         )  # fmt: skip
     else:
-        kernel = _tuned_kernel(_arch(qkv.device))
+        arch = nearest_arch((80, 90), device_arch(qkv.device))
+        kernel = _tuned_kernel(arch, _config_width(flags["BLOCK_DMODEL"]))
         kernel[grid](*args, **flags)
     return out, lse
 
@@ -411,7 +434,7 @@ def _signature(dtype: str) -> dict[str, str]:
         "head_scale_ptr": "*fp32",
         "cu_seqlens_ptr": "*i32",
         "qk_scale_log2": "fp32",
-        "seq_len_or_max": "i32",
+        "max_seqlen": "i32",
         "num_heads": "i32",
         "stride_qkv_batch": "i64",
         "stride_qkv_token": "i32",
@@ -448,8 +471,8 @@ def _aligned_attrs() -> dict[tuple[int], list[list]]:
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every compile the AOT report must check on sm_<arch>.
 
-    All autotune configs for head_dim 64 (the model's), and the default config surviving
-    the head-dim pruning for every other supported head_dim; fp16 and bf16 each, batched
+    Every autotune config for every supported head_dim it serves (the autotuner may pick any
+    of them at run time), fp16 and bf16 each, batched
     mode with head_scale (the widest feature set the model uses). ``extra["attrs"]`` holds
     the alignment attributes to pass as ``ASTSource(..., attrs=...)``.
     """
@@ -457,10 +480,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     for dtype in ("fp16", "bf16"):
         for head_dim in SUPPORTED_HEAD_DIMS:
             block_dmodel = triton.next_power_of_2(head_dim)
-            configs = [c for c in _CONFIGS[arch] if _fits_head_dim(c, block_dmodel)]
-            if head_dim != 64:
-                configs = configs[:1]
-            for config in configs:
+            for config in _CONFIGS[(arch, _config_width(block_dmodel))]:
                 block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
                 specs.append(
                     KernelSpec(

@@ -18,12 +18,14 @@ import triton.language as tl
 from ._common import (
     KernelSpec,
     as_rows,
+    check_vector,
     device_arch,
     divisibility_attrs,
     interpreter_tile,
     interpreting,
     nearest_arch,
     output_rows,
+    output_tensor,
     record_launch,
 )
 
@@ -114,23 +116,6 @@ def _autotuned_kernel(arch: int, block_d: int) -> triton.runtime.Autotuner:
     return triton.autotune(configs=configs, key=["n_cols", "HAS_RESIDUAL"])(_layernorm_kernel)
 
 
-def _check_vector(name: str, v: torch.Tensor, n_cols: int) -> None:
-    if v.shape != (n_cols,):
-        raise ValueError(f"{name} must have shape ({n_cols},), got {tuple(v.shape)}")
-    if v.stride(0) != 1 and n_cols > 1:
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _output_rows(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if out is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    if out.shape != like.shape or out.dtype != dtype:
-        raise ValueError(
-            f"out must be {tuple(like.shape)} {dtype}, got {tuple(out.shape)} {out.dtype}"
-        )
-    return out
-
-
 def _launch(
     x: torch.Tensor,
     branch: torch.Tensor | None,
@@ -141,18 +126,18 @@ def _launch(
     new_residual: torch.Tensor | None,
     normed: torch.Tensor,
 ) -> None:
+    has_residual = branch is not None
+    if has_residual and branch.shape != x.shape:
+        raise ValueError(f"branch {tuple(branch.shape)} does not match residual {tuple(x.shape)}")
     x_rows = as_rows(x)
     normed_rows = output_rows(normed)
     n_rows, n_cols = x_rows.shape
     for name, v in (("weight", weight), ("bias", bias), ("scale", scale)):
         if v is not None:
-            _check_vector(name, v, n_cols)
-    has_residual = branch is not None
+            check_vector(name, v, n_cols)
     # Plain LayerNorm passes x for the unused pointers so one signature serves both modes.
     branch_rows = as_rows(branch) if has_residual else x_rows
     new_residual_rows = output_rows(new_residual) if has_residual else x_rows
-    if has_residual and branch_rows.shape != x_rows.shape:
-        raise ValueError(f"branch {tuple(branch.shape)} does not match residual {tuple(x.shape)}")
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(n_cols)
@@ -199,7 +184,7 @@ def layer_norm(
     ``out`` (same shape and dtype as the result, any row stride) receives the result instead
     of a fresh tensor; it must not overlap ``x``.
     """
-    normed = _output_rows(out, x, x.dtype)
+    normed = output_tensor(out, x.shape, x.dtype, x.device)
     _launch(x, None, None, weight, bias, eps, None, normed)
     return normed
 
@@ -219,8 +204,8 @@ def add_layerscale_layernorm(
     (branch's dtype), in one pass. ``out_residual`` / ``out_normed`` optionally receive them;
     neither may overlap an input (the autotuner replays the launch).
     """
-    new_residual = _output_rows(out_residual, residual, residual.dtype)
-    normed = _output_rows(out_normed, residual, branch.dtype)
+    new_residual = output_tensor(out_residual, residual.shape, residual.dtype, residual.device)
+    normed = output_tensor(out_normed, residual.shape, branch.dtype, residual.device)
     _launch(residual, branch, scale, weight, bias, eps, new_residual, normed)
     return new_residual, normed
 

@@ -5,9 +5,10 @@
 compiles every kernel spec (each kernel module's ``compile_specs(arch)``: every autotune
 config, fp16 and bf16) with Triton's bundled ptxas, reads registers, stack, local and shared
 memory with ``cuobjdump --dump-resource-usage`` and, on sm_90, looks for Hopper's HGMMA
-(wgmma) instructions with ``nvdisasm``. Exits 1 if any config spills or uses local memory,
-needs more shared memory than one block may have, or if an attention config on sm_90 lacks
-wgmma, or if a module cannot be compiled at all.
+(wgmma) instructions with ``nvdisasm`` in the kernels that must use them (attention).
+Exits 1 if any config spills or uses local memory, needs more shared memory than one block
+may have, or if an attention config on sm_90 lacks wgmma, or if a module cannot be
+compiled at all. Run it without TRITON_INTERPRET (it re-executes itself without it).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _compile(module: str, spec: KernelSpec, arch: int) -> CompileResult:
                 check=True,
             ).stdout
             wgmma = None
-            if arch >= 90:
+            # Disassembly is the slow step: only where wgmma is required.
+            if arch >= 90 and module in WGMMA_MODULES:
                 sass = subprocess.run(
                     [_tool("nvdisasm"), str(cubin)], capture_output=True, text=True, check=True
                 ).stdout

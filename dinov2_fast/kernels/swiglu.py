@@ -19,6 +19,7 @@ from ._common import (
     launch_row_tiles,
     nearest_arch,
     output_rows,
+    output_tensor,
     record_launch,
     row_tile_specs,
 )
@@ -72,10 +73,7 @@ def swiglu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"packed [gate | up] needs an even last dim, got {x.shape[-1]}")
     shape = (*x.shape[:-1], x.shape[-1] // 2)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype:
-        raise ValueError(f"out must be {shape} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    out = output_tensor(out, shape, x.dtype, x.device)
     x_rows, out_rows = as_rows(x), output_rows(out)
     n_rows, n_cols = out_rows.shape
     if n_rows == 0 or n_cols == 0:

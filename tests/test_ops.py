@@ -1,0 +1,211 @@
+"""The dispatch layer: which path runs, forcing it, autograd, errors and torch.compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from _numerics import assert_close_2x
+
+from dinov2_fast import ops, reference
+from dinov2_fast.kernels._common import count_launches
+
+EPS = 1e-6
+DIM = 384
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Fresh random inputs for every op: a (2, 17, DIM) stream and DINOv2-small shapes."""
+    return {
+        "x": torch.randn(2, 17, DIM).to(dtype),
+        "branch": torch.randn(2, 17, DIM).to(dtype),
+        "scale": torch.randn(DIM).to(dtype),
+        "weight": (1 + 0.5 * torch.randn(DIM)).to(dtype),
+        "bias": torch.randn(DIM).to(dtype),
+        "packed": torch.randn(2, 17, 2 * DIM).to(dtype),
+        "qkv": torch.randn(2, 17, 3 * DIM).to(dtype),
+    }
+
+
+def _block(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every op once, the way a transformer block chains them."""
+    new_residual, normed = ops.add_layerscale_layernorm(
+        t["x"], t["branch"], t["scale"], t["weight"], t["bias"], EPS
+    )
+    attended = ops.attention(t["qkv"], 6)
+    hidden = ops.gelu(normed, t["bias"]) + ops.swiglu(t["packed"])
+    return ops.layer_norm(new_residual + attended + hidden, t["weight"], t["bias"], EPS)
+
+
+def _reference_block(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    new_residual, normed = reference.add_layerscale_layernorm(
+        t["x"], t["branch"], t["scale"], t["weight"], t["bias"], EPS
+    )
+    attended = reference.attention(t["qkv"], 6)
+    hidden = reference.gelu(normed, t["bias"]) + reference.swiglu(t["packed"])
+    return reference.layer_norm(new_residual + attended + hidden, t["weight"], t["bias"], EPS)
+
+
+ALL_KERNELS = {
+    "add_layerscale_layernorm": 1,
+    "attention": 1,
+    "gelu": 1,
+    "swiglu": 1,
+    "layer_norm": 1,
+}
+
+
+def test_auto_runs_every_kernel_under_the_interpreter() -> None:
+    t = _inputs()
+    with count_launches() as launches:
+        out = _block(t)
+    assert launches == ALL_KERNELS
+    expected = _reference_block({k: v.double() for k, v in t.items()})
+    assert_close_2x(out, expected, _reference_block(t), atol=1e-4)
+
+
+def test_use_backend_torch_runs_no_kernel() -> None:
+    t = _inputs()
+    with ops.use_backend("torch"), count_launches() as launches:
+        out = _block(t)
+    assert not launches
+    torch.testing.assert_close(out, _reference_block(t), rtol=0, atol=0)
+
+
+def test_env_var_forces_torch_and_use_backend_overrides_it(monkeypatch) -> None:
+    monkeypatch.setenv(ops.BACKEND_ENV_VAR, "torch")
+    t = _inputs()
+    with count_launches() as launches:
+        _block(t)
+    assert not launches
+    with ops.use_backend("auto"), count_launches() as launches:
+        _block(t)
+    assert launches == ALL_KERNELS
+
+
+def test_use_backend_nests_and_restores() -> None:
+    assert ops.current_backend() == "auto"
+    with ops.use_backend("torch"):
+        with ops.use_backend("triton"):
+            assert ops.current_backend() == "triton"
+        assert ops.current_backend() == "torch"
+    assert ops.current_backend() == "auto"
+
+
+def test_bad_backend_names(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="backend"), ops.use_backend("cuda"):
+        pass
+    monkeypatch.setenv(ops.BACKEND_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=ops.BACKEND_ENV_VAR):
+        ops.current_backend()
+
+
+def test_auto_falls_back_on_unsupported_dtype_and_head_dim() -> None:
+    t = _inputs(torch.float64)
+    qkv16 = torch.randn(1, 5, 3 * 2 * 16)  # head_dim 16: no kernel
+    with count_launches() as launches:
+        out = _block(t)
+        attended = ops.attention(qkv16, 2)
+    assert not launches
+    torch.testing.assert_close(out, _reference_block(t))
+    torch.testing.assert_close(attended, reference.attention(qkv16, 2))
+
+
+def test_forced_triton_raises_instead_of_falling_back() -> None:
+    with ops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="triton.*float64"):
+            ops.swiglu(torch.randn(3, 8, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="head_dim 16"):
+            ops.attention(torch.randn(1, 5, 3 * 2 * 16), 2)
+        with pytest.raises(RuntimeError, match="requires grad"):
+            ops.gelu(torch.randn(3, 8, requires_grad=True))
+
+
+def test_without_interpreter_cpu_takes_the_reference(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not ops.triton_available("cpu")
+    assert ops.triton_available("cuda")
+    with count_launches() as launches:
+        _block(_inputs())
+    assert not launches
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET"):
+        ops.layer_norm(torch.randn(2, 8), torch.randn(8), torch.randn(8), EPS)
+
+
+def test_autograd_takes_the_reference_with_exact_gradients() -> None:
+    t = _inputs()
+    leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+    with count_launches() as launches:
+        _block(leaves).pow(2).sum().backward()
+    assert not launches
+    doubles = {k: v.double().requires_grad_() for k, v in t.items()}
+    _reference_block(doubles).pow(2).sum().backward()
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(leaf.grad, doubles[name].grad.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_no_grad_uses_the_kernels_even_for_parameters() -> None:
+    t = {k: v.requires_grad_() for k, v in _inputs().items()}
+    with torch.no_grad(), count_launches() as launches:
+        _block(t)
+    assert launches == ALL_KERNELS
+
+
+def test_attention_head_dims_match_the_kernel() -> None:
+    from dinov2_fast.kernels import attention
+
+    assert ops._ATTENTION_HEAD_DIMS == attention.SUPPORTED_HEAD_DIMS
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph(backend: str) -> None:
+    """Dynamo traces the dispatch, use_backend inside the graph and the custom ops whole."""
+    torch._dynamo.reset()
+    t = _inputs()
+
+    def forward(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        with ops.use_backend(backend):
+            return _block(t)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    with count_launches() as launches:
+        out = compiled(t)
+    assert launches == (ALL_KERNELS if backend == "triton" else {})
+    assert ops.current_backend() == "auto"
+    torch.testing.assert_close(out, _reference_block(t), rtol=1e-4, atol=1e-4)
+
+
+def test_import_without_triton() -> None:
+    """The package and the reference path work when triton cannot be imported."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, dinov2_fast, dinov2_fast.ops as ops\n"
+        "assert not ops.triton_available('cuda')\n"
+        "x = torch.randn(2, 8)\n"
+        "ops.layer_norm(x, torch.randn(8), torch.randn(8), 1e-6)\n"
+        "try:\n"
+        "    with ops.use_backend('triton'):\n"
+        "        ops.swiglu(x)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('forced triton did not raise')\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_dispatch_and_compile(dtype: torch.dtype) -> None:
+    torch._dynamo.reset()
+    t = {k: v.cuda() for k, v in _inputs(dtype).items()}
+    compiled = torch.compile(_block, fullgraph=True)
+    with count_launches() as launches:
+        out = compiled(t)
+    assert launches == ALL_KERNELS
+    expected = _reference_block({k: v.double() for k, v in t.items()})
+    assert_close_2x(out, expected, _reference_block(t), atol=1e-3)
