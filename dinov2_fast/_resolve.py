@@ -1,4 +1,5 @@
-"""Turn the CLI's model, device and dtype arguments into objects, with one-line errors."""
+"""The CLI's vocabulary: its model, device and dtype arguments turned into objects, with
+one-line errors for the ones that name nothing usable."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 
 from .config import Dinov2Config
 from .modeling import Dinov2Model
+from .ops import triton_available
 
 SIZES = ("small", "base", "large", "giant")
+POOLS = ("cls", "mean", "cls+mean", "patch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORIGINAL_SUFFIXES = (".pth", ".pt")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -40,6 +43,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse ``triton`` up front where its kernels cannot run, rather than at the first batch."""
+    if backend == "triton" and not triton_available(device):
+        raise UserError(
+            f"--backend triton cannot run on {device}: it needs CUDA and triton, or "
+            "TRITON_INTERPRET=1 for the slow CPU interpreter (see `dinov2-fast info`)"
+        )
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -56,9 +68,9 @@ def random_model(size: str, *, seed: int = 0) -> Dinov2Model:
     LayerNorm weights, biases and LayerScale start as ones and zeros, which would hide bugs
     in the ops that read them (DESIGN.md §4), so they get noise too.
     """
-    torch.manual_seed(seed)
-    model = Dinov2Model(Dinov2Config.for_size(size))
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model = Dinov2Model(Dinov2Config.for_size(size))
         for param in model.parameters():
             if param.dim() <= 1:
                 param.add_(0.1 * torch.randn_like(param))
@@ -80,17 +92,16 @@ def load_model(
     allow_random_size: bool = False,
 ) -> Dinov2Model:
     """A local transformers folder, an original ``.pth``, a hub id, or (if allowed) a size name."""
+    check_backend(backend, device)
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} is not a model folder: it has no config.json")
-        load = lambda: Dinov2Model.from_pretrained(
-            path, dtype=dtype, device=device, backend=backend
-        )
+        loader, source = Dinov2Model.from_pretrained, path
     elif path.is_file():
         if path.suffix not in _ORIGINAL_SUFFIXES:
             raise UserError(f"{spec} is neither a model folder nor an original .pth checkpoint")
-        load = lambda: Dinov2Model.from_original(path, dtype=dtype, device=device, backend=backend)
+        loader, source = Dinov2Model.from_original, path
     elif spec in SIZES:
         if not allow_random_size:
             raise UserError(
@@ -99,9 +110,7 @@ def load_model(
             )
         return random_model(spec).to(device=device, dtype=dtype).set_backend(backend)
     elif _HUB_ID.fullmatch(spec):
-        load = lambda: Dinov2Model.from_pretrained(
-            spec, dtype=dtype, device=device, backend=backend
-        )
+        loader, source = Dinov2Model.from_pretrained, spec
     else:
         sizes = f", or one of {', '.join(SIZES)}" if allow_random_size else ""
         raise UserError(
@@ -109,6 +118,6 @@ def load_model(
             f"a hub id such as facebook/dinov2-small{sizes})"
         )
     try:
-        return load().eval()
+        return loader(source, dtype=dtype, device=device, backend=backend).eval()
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
         raise UserError(f"cannot load model {spec}: {first_line(err)}") from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -208,6 +209,13 @@ class Dinov2Config:
             raise ValueError(
                 f"out_features={out_features} and out_indices={out_indices} name different stages"
             )
+        positions = [names.index(f) for f in out_features]
+        if positions != sorted(set(positions)):
+            # Feature maps come out in stage order, one per stage, as in transformers.
+            raise ValueError(
+                f"out_features {list(out_features)} must name distinct stages in the order "
+                f"of {names}"
+            )
         return list(out_features), list(out_indices)
 
     @classmethod
@@ -226,8 +234,23 @@ class Dinov2Config:
         return out
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> Dinov2Config:
+    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> Dinov2Config:
+        """A config from a config.json dict; ``overrides`` replace fields (a new stage
+        selection or label count replaces the saved one as a whole)."""
+        unknown = sorted(set(overrides) - _FIELDS)
+        if unknown:
+            raise TypeError(
+                f"{unknown} are not Dinov2Config fields (loading options are dtype=, device= "
+                "and backend=)"
+            )
         config = dict(config)
+        if {"out_features", "out_indices"} & set(overrides):
+            config.pop("out_features", None)
+            config.pop("out_indices", None)
+        if "num_labels" in overrides:
+            config.pop("id2label", None)
+            config.pop("label2id", None)
+        config.update(overrides)
         model_type = config.pop("model_type", "dinov2")
         if model_type not in _MODEL_TYPES:
             raise ValueError(
@@ -241,8 +264,8 @@ class Dinov2Config:
         return cls(**config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Dinov2Config:
-        """Read ``config.json`` from a folder (or the file itself)."""
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Dinov2Config:
+        """Read ``config.json`` from a folder (or the file itself); see ``from_dict``."""
         path = Path(path)
         file = path / _CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
@@ -251,7 +274,7 @@ class Dinov2Config:
             config = json.loads(file.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{file} is not valid JSON: {err}") from err
-        return cls.from_dict(config)
+        return cls.from_dict(config, **overrides)
 
     def save_pretrained(self, path: str | os.PathLike, architecture: str | None = None) -> None:
         """Write ``config.json`` into the folder ``path`` (created if missing)."""
@@ -267,6 +290,9 @@ class Dinov2Config:
 
     def __repr__(self) -> str:
         return f"Dinov2Config {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
+
+
+_FIELDS = frozenset(inspect.signature(Dinov2Config.__init__).parameters) - {"self", "kwargs"}
 
 
 class Dinov2WithRegistersConfig(Dinov2Config):

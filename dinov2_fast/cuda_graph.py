@@ -9,25 +9,34 @@ Contract of ``cuda_graph(model)``'s callable:
 - inputs are copied into the graph's static input buffer;
 - outputs are fresh tensors by default (``copy_outputs=True``); with ``copy_outputs=False``
   they are the graph's static buffers, overwritten by the next call of the same shape;
-- any change to the model's parameters or buffers (in place, ``.to()``, ``load_state_dict``)
-  re-captures on the next call, so a replay never runs stale weights;
+- the graph reads the parameters where they live, so in-place updates (``.data`` writes
+  included) are seen by the next replay; anything that gives a parameter or buffer new
+  storage (``.to()``, ``load_state_dict(assign=True)``, assigning a new ``Parameter``) or
+  changes the backend re-captures on the next call;
 - inference only: it runs under ``torch.no_grad()`` and refuses a model in training mode.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import ops
+
 __all__ = ["CudaGraphRunner", "cuda_graph"]
 
 
-def _weights_stamp(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def _tensor_slots(model: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """Where every parameter and buffer lives: (the owning module's dict, name)."""
+    slots = []
+    for module in model.modules():
+        slots += [(module._parameters, name) for name in module._parameters]
+        slots += [(module._buffers, name) for name in module._buffers]
+    return slots
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -60,8 +69,16 @@ class CudaGraphRunner:
         self.copy_outputs = copy_outputs
         self.warmup_steps = warmup_steps
         self.forward_kwargs = forward_kwargs
-        self._pool = torch.cuda.graph_pool_handle()
+        self._slots = _tensor_slots(model)
         self._graphs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """What a captured graph depends on besides the input: tensor addresses, backend."""
+        addresses = tuple(
+            None if (t := slots[name]) is None else t.data_ptr() for slots, name in self._slots
+        )
+        backend = (getattr(self.model, "backend", None), os.environ.get(ops.BACKEND_ENV_VAR))
+        return addresses, backend
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         if self.model.training:
@@ -73,31 +90,36 @@ class CudaGraphRunner:
                 f"{getattr(pixel_values, 'device', type(pixel_values))}"
             )
         key = (tuple(pixel_values.shape), pixel_values.dtype)
-        stamp = _weights_stamp(self.model)
+        stamp = self._stamp()
         entry = self._graphs.get(key)
         if entry is None or entry[0] != stamp:
             entry = self._capture(pixel_values, stamp)
             self._graphs[key] = entry
         _, graph, static_input, static_output = entry
-        static_input.copy_(pixel_values)
-        graph.replay()
+        with torch.cuda.device(device):
+            static_input.copy_(pixel_values)
+            graph.replay()
         if self.copy_outputs:
             return _map_tensors(static_output, torch.Tensor.clone)
         return static_output
 
     @torch.no_grad()
     def _capture(self, pixel_values: torch.Tensor, stamp: tuple[Any, ...]) -> tuple[Any, ...]:
-        static_input = pixel_values.clone()
-        # Warm up on a side stream: kernel compilation and autotuning cannot be captured.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_steps):
-                self.model(static_input, **self.forward_kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_output = self.model(static_input, **self.forward_kwargs)
+        with torch.cuda.device(pixel_values.device):
+            static_input = pixel_values.clone()
+            # Warm up on a side stream: kernel compilation, autotuning and weight packing
+            # cannot happen inside a capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_steps):
+                    self.model(static_input, **self.forward_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            # Each graph gets its own memory pool, so one shape's replay never writes into
+            # another shape's static outputs.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = self.model(static_input, **self.forward_kwargs)
         return stamp, graph, static_input, static_output
 
 

@@ -8,8 +8,9 @@ lists them with the reason.
 While a run is going, its work lives in ``FEATURES.partial/`` beside the output: one row of
 features per input (``features.npy``), one status byte per input (``status.npy``), the run's
 settings and inputs (``run.json``) and the skipped files' reasons (``skipped-RANK.jsonl``).
-A batch's rows are flushed before their status bytes, so an interrupted run leaves only
-finished rows marked done and ``--resume`` continues from them. Under torchrun every rank
+A batch's features are stored before its status bytes, through shared memory maps whose
+writes outlive a killed process, so an interrupted run leaves only finished rows marked done
+and ``--resume`` continues from them (after a machine crash, start over). Under torchrun every rank
 writes its own rows of those files (so all ranks must share the output's filesystem), and
 rank 0 compacts them into the output at the end.
 """
@@ -29,11 +30,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ._resolve import (
+    POOLS,
     UserError,
     dtype_name,
     first_line,
@@ -46,20 +49,23 @@ from .preprocess import load_image, preprocess, resize_size_for
 
 __all__ = ["POOLS", "EmbedResult", "collect_inputs", "embed_images", "manifest_path"]
 
-POOLS = ("cls", "mean", "cls+mean", "patch")
-
 _PENDING, _DONE, _SKIPPED = 0, 1, 2
 _COPY_CHUNK_BYTES = 64 << 20
 # Ranks wait for the slowest at the end; torchrun tears the group down if one fails, so
 # this only bounds a hang.
 _RANK_TIMEOUT = timedelta(hours=6)
-_IMAGE_SUFFIXES = frozenset(Image.registered_extensions())
+# Formats Pillow can read (some of its registered extensions, such as .pdf, are write-only).
+_IMAGE_SUFFIXES = frozenset(
+    ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+)
 
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class EmbedResult:
+    """Where the features and manifest went; rows written, inputs skipped, rows resumed."""
+
     features: Path
     manifest: Path
     rows: int
@@ -139,8 +145,6 @@ class _Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
-        import torch.distributed as dist
-
         # Only small objects and barriers cross processes (features go through the shared
         # files), so gloo serves GPU runs too.
         if not dist.is_initialized():
@@ -156,8 +160,6 @@ class _Ranks:
             except (UserError, OSError) as err:
                 payload = (False, first_line(err))
         if self.world > 1:
-            import torch.distributed as dist
-
             box = [payload]
             dist.broadcast_object_list(box, src=0)
             payload = box[0]
@@ -168,16 +170,11 @@ class _Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # -- reading images ---------------------------------------------------------------------------
@@ -288,6 +285,7 @@ def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
         if features.shape[0] == len(written["inputs"]):
             done = np.ones(len(written["inputs"]), dtype=bool)
             return _Previous(written["inputs"], features, done, unfinished=False)
+        print(f"{manifest} does not describe {out}: starting over", file=sys.stderr)
     return None
 
 
@@ -329,7 +327,10 @@ def _prepare(
             log.unlink()
     else:
         if not resume and partial.exists():
-            print(f"discarding the unfinished run in {partial} (--resume continues it)", file=sys.stderr)
+            print(
+                f"discarding the unfinished run in {partial} (--resume continues it)",
+                file=sys.stderr,
+            )
         staging = partial.with_name(partial.name + ".new")
         shutil.rmtree(staging, ignore_errors=True)
         _start_partial(staging, inputs, settings, previous)
@@ -375,16 +376,17 @@ def _embed_rows(
             for row, reason in failed:
                 tqdm.write(f"skipped {inputs[row]}: {reason}", file=sys.stderr)
                 log.write(json.dumps({"row": row, "reason": reason}) + "\n")
-            log.flush()
+            if failed:
+                log.flush()
             if read_rows:
                 pixels = pixels.to(device=model.device, dtype=model.dtype, non_blocking=True)
                 pooled = _pool(model(pixel_values=pixels), pool, prefix_tokens)
                 features[read_rows] = pooled.to(features_dtype).cpu().numpy()
-                features.flush()
             status[read_rows] = _DONE
             status[[row for row, _ in failed]] = _SKIPPED
-            status.flush()
             progress.update(len(read_rows) + len(failed))
+    features.flush()
+    status.flush()
 
 
 def _finish(out: Path) -> EmbedResult:
@@ -406,7 +408,9 @@ def _finish(out: Path) -> EmbedResult:
     else:
         features = np.load(partial / "features.npy", mmap_mode="r")
         compact = np.lib.format.open_memmap(
-            partial / "compact.npy", mode="w+", dtype=features.dtype,
+            partial / "compact.npy",
+            mode="w+",
+            dtype=features.dtype,
             shape=(len(written), *features.shape[1:]),
         )
         _copy_rows(features, written, compact, np.arange(len(written)))
@@ -427,11 +431,12 @@ def _finish(out: Path) -> EmbedResult:
 
 
 def _default_workers(device: torch.device) -> int:
-    # On the CPU the model, not decoding, is the bottleneck and wants the cores.
+    # On the CPU the model, not decoding, is the bottleneck and wants the cores. On a GPU,
+    # decoding is: every core but the one feeding the GPU decodes, shared among the ranks.
     if device.type != "cuda":
         return 1
     per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, per_process))
+    return max(1, min(16, per_process - 1))
 
 
 def embed_images(
@@ -462,6 +467,9 @@ def embed_images(
     try:
         inputs = ranks.on_rank0(lambda: collect_inputs(patterns))
         torch_device = resolve_device(device, ranks.local_rank)
+        if torch_device.type == "cuda":
+            # Pinned host memory and stray allocations follow the current device, not cuda:0.
+            torch.cuda.set_device(torch_device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
         config = net.config
@@ -475,9 +483,7 @@ def embed_images(
             "model_dtype": dtype_name(torch_dtype),
             # numpy has no bfloat16: those features are stored as float32.
             "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
-            "feature_shape": _feature_shape(
-                pool, config.hidden_size, config.patch_size, crop_size
-            ),
+            "feature_shape": _feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
         }
         pending, reused = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
         _embed_rows(

@@ -60,15 +60,15 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
             "hub) is not installed: pip install huggingface_hub, or pass a local folder"
         ) from err
     try:
-        return Path(
-            snapshot_download(
-                name, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"]
-            )
-        )
+        # safetensors first; the .bin weights only for repositories that have nothing else.
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin"]))
     except Exception as err:  # the hub client raises many types; one clear message serves all
         raise FileNotFoundError(
             f"{name!r} is not a local folder and could not be fetched from the hub: {err}"
         ) from err
+    return folder
 
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
@@ -193,6 +193,7 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         classifier.to_empty(device="cpu")
         torch.nn.init.trunc_normal_(classifier.weight, std=model.config.initializer_range)
         torch.nn.init.zeros_(classifier.bias)
+        classifier.to(next(iter(body.values())).dtype)
 
 
 def _finish(
@@ -221,15 +222,7 @@ def load_pretrained(
     **config_overrides: Any,
 ) -> torch.nn.Module:
     folder = _resolve_folder(path)
-    config_dict = (
-        json.loads((folder / "config.json").read_text())
-        if (folder / "config.json").is_file()
-        else None
-    )
-    if config_dict is None:
-        raise FileNotFoundError(f"no config.json in {folder}")
-    config_dict.update(config_overrides)
-    config = Dinov2Config.from_dict(config_dict)
+    config = Dinov2Config.from_pretrained(folder, **config_overrides)
     model = _build_on_meta(cls, config)
     _load_into(model, read_state_dict(folder), str(folder))
     return _finish(model, dtype, device, backend)
@@ -309,8 +302,7 @@ def _original_config(state: dict[str, torch.Tensor], overrides: dict[str, Any]) 
         "interpolate_offset": 0.0 if registers else 0.1,
         "interpolate_antialias": bool(registers),
     }
-    fields.update(overrides)
-    config = Dinov2Config(**fields)
+    config = Dinov2Config.from_dict(fields, **overrides)
     if config.ffn_hidden_size != ffn:
         raise ValueError(f"cannot infer mlp_ratio: FFN width {ffn} from hidden {hidden}")
     return config
@@ -346,7 +338,10 @@ def _original_to_transformers(
     # Checkpoints trained without LayerScale (init_values=None) are LayerScale of ones.
     for index in range(config.num_hidden_layers):
         for scale in ("layer_scale1", "layer_scale2"):
-            out.setdefault(f"encoder.layer.{index}.{scale}.lambda1", torch.ones(hidden))
+            out.setdefault(
+                f"encoder.layer.{index}.{scale}.lambda1",
+                torch.ones(hidden, dtype=state["cls_token"].dtype),
+            )
     return out
 
 
@@ -360,13 +355,14 @@ def load_original(
     **config_overrides: Any,
 ) -> torch.nn.Module:
     if isinstance(path_or_state_dict, dict):
-        source, raw = "original state dict", path_or_state_dict
+        source = "original state dict"
+        # The model takes ownership of the tensors it loads: copy the caller's.
+        state = {k: v.clone() for k, v in _unwrap_original(path_or_state_dict).items()}
     else:
         file = Path(path_or_state_dict).expanduser()
         if not file.is_file():
             raise FileNotFoundError(f"original checkpoint {file} does not exist")
-        source, raw = str(file), _read_file(file)
-    state = _unwrap_original(raw)
+        source, state = str(file), _unwrap_original(_read_file(file))
     config = _original_config(state, config_overrides)
     model = _build_on_meta(cls, config)
     _load_into(model, _original_to_transformers(state, config), source)
@@ -378,6 +374,13 @@ def load_original(
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
     config: Dinov2Config = model.config
+    if config.interpolate_offset:
+        warnings.warn(
+            f"interpolate_offset={config.interpolate_offset} (the original hub models' position "
+            "resize) is not a transformers setting: transformers will resize positions by "
+            "size and give different outputs at non-native image sizes; dinov2_fast reads it back",
+            stacklevel=3,
+        )
     folder = Path(path)
     registers = config.num_register_tokens > 0
     name = type(model).__name__.replace("Dinov2WithRegisters", "Dinov2")
@@ -387,6 +390,7 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
     for key, tensor in model.state_dict().items():
         if registers and key.startswith("dinov2."):
             key = "dinov2_with_registers." + key[len("dinov2.") :]
-        state[key] = tensor.detach().to("cpu").contiguous()
+        # A copy: q/k/v weights share one storage (packed_qkv), which safetensors refuses.
+        state[key] = tensor.detach().to("cpu", copy=True).contiguous()
     config.save_pretrained(folder, architecture=name)
     save_file(state, str(folder / _SAFETENSORS), metadata={"format": "pt"})

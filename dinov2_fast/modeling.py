@@ -64,59 +64,62 @@ class Dinov2Embeddings(nn.Module):
             torch.randn(1, self.patch_embeddings.num_patches + 1, hidden)
         )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self._position_cache: dict[tuple[Any, ...], tuple[tuple[int, int], torch.Tensor]] = {}
+        self._resize_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def has_mask_token(self) -> bool:
         return hasattr(self, "mask_token")
 
     def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(1, 1 + grid_h * grid_w, D) position embeddings for a patch grid, cached per grid.
+        """(1, 1 + grid_h * grid_w, D) position embeddings for a patch grid.
 
-        The cache is keyed on the parameter's identity and version, so any change to the
-        weights (optimizer step, ``load_state_dict``, ``.to()``) invalidates it.
+        Bicubic resizing (with or without antialias) is linear and separable, so it is two
+        small matrices per grid, cached, applied to the live table on every call: the result
+        can never be stale, whatever changed the weights (``.data`` writes included), and
+        gradients flow as through ``F.interpolate``.
         """
         table = self.position_embeddings
-        native = math.isqrt(table.shape[1] - 1)
-        if (grid_h, grid_w) == (native, native):
-            return table
-        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not (
-            torch.compiler.is_compiling()
-        )
-        if not cacheable:
-            return self._interpolate(grid_h, grid_w)
-        key = (grid_h, grid_w, table.dtype, table.device)
-        stamp = (table.data_ptr(), table._version)
-        hit = self._position_cache.get(key)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, self._interpolate(grid_h, grid_w))
-            self._position_cache[key] = hit
-        return hit[1]
-
-    def _interpolate(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        table = self.position_embeddings
-        hidden = table.shape[-1]
         native = math.isqrt(table.shape[1] - 1)
         if native * native != table.shape[1] - 1:
             raise ValueError(
                 f"position_embeddings hold {table.shape[1] - 1} patch positions, not a square grid"
             )
-        grid = table[:, 1:].reshape(1, native, native, hidden).permute(0, 3, 1, 2).float()
+        if (grid_h, grid_w) == (native, native):
+            return table
+        key = (grid_h, grid_w, native, table.device)
+        resize = None if torch.compiler.is_compiling() else self._resize_cache.get(key)
+        if resize is None:
+            resize = (
+                self._resize_matrix(grid_h, native, 0),
+                self._resize_matrix(grid_w, native, 1),
+            )
+            if not torch.compiler.is_compiling():
+                self._resize_cache[key] = resize
+        rows, cols = resize
+        grid = table[0, 1:].float().reshape(native, native, -1)
+        grid = torch.einsum("ir,rsd,js->ijd", rows, grid, cols).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([table[:, :1], grid.to(table.dtype)], dim=1)
+
+    def _resize_matrix(self, size: int, native: int, axis: int) -> torch.Tensor:
+        """(size, native) weights of the bicubic resize of one axis, as the model variant does
+        it (DESIGN.md §2): resizing one-hot rows gives the matrix column by column."""
+        one_hot = torch.eye(native, device=self.position_embeddings.device)
+        # Batch = source position, H = the axis resized, W = 2 untouched columns (a width-1
+        # probe sends the antialiased kernel down a layout path that gets it wrong).
+        probe = one_hot.reshape(native, 1, native, 1).expand(native, 1, native, 2).contiguous()
         offset = self.config.interpolate_offset
         if offset:
-            resize = {"scale_factor": ((grid_h + offset) / native, (grid_w + offset) / native)}
+            resize = {"scale_factor": ((size + offset) / native, 1.0)}
         else:
-            resize = {"size": (grid_h, grid_w)}
-        grid = F.interpolate(
-            grid, mode="bicubic", align_corners=False, antialias=self.config.antialias, **resize
+            resize = {"size": (size, 2)}
+        out = F.interpolate(
+            probe, mode="bicubic", align_corners=False, antialias=self.config.antialias, **resize
         )
-        if grid.shape[-2:] != (grid_h, grid_w):
+        if out.shape[2] != size:
             raise ValueError(
-                f"interpolated position grid is {tuple(grid.shape[-2:])}, expected "
-                f"{(grid_h, grid_w)}"
+                f"resizing {native} positions gave {out.shape[2]} on axis {axis}, expected {size}"
             )
-        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, hidden)
-        return torch.cat([table[:, :1], grid], dim=1)
+        return out[:, 0, :, 0].T.contiguous()
 
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
@@ -251,24 +254,48 @@ class Dinov2DropPath(nn.Module):
         return hidden_states / keep * torch.floor(mask + keep)
 
 
-def packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``[q | k | v]`` weight and bias of a self-attention module for one QKV GEMM.
+def uses_exact_gelu(config: Any) -> bool:
+    """Whether the FFN is an MLP with exact GELU (the fused GELU op's case)."""
+    return not config.use_swiglu_ffn and config.hidden_act == "gelu"
 
-    Packed once and cached on the module; re-packed whenever a source parameter changes
-    (in-place update, ``.to()``, ``load_state_dict``), so it is never stale.
+
+def packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[q | k | v]`` weight and bias of a self-attention module, for one QKV GEMM.
+
+    The query, key and value parameters are made views of one packed tensor (on first use,
+    and again whenever something gives them new storage: ``.to()``, ``deepcopy``,
+    ``load_state_dict(assign=True)``). The packed operands are then the live parameters:
+    no copy to keep in sync, no extra memory, and in-place updates, ``.data`` writes
+    included, are seen at once.
     """
     projections = (attention.query, attention.key, attention.value)
     weights = [p.weight for p in projections]
     biases = [p.bias for p in projections] if attention.query.bias is not None else []
     if torch.compiler.is_compiling():
         return torch.cat(weights), torch.cat(biases) if biases else None
-    stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases)
-    cached = getattr(attention, "_dinov2_fast_packed", None)
-    if cached is None or cached[0] != stamp:
-        with torch.no_grad():
-            cached = (stamp, torch.cat(weights), torch.cat(biases) if biases else None)
-        attention._dinov2_fast_packed = cached
-    return cached[1], cached[2]
+    weight = _packed_parameters(attention, "_dinov2_fast_packed_weight", weights)
+    bias = _packed_parameters(attention, "_dinov2_fast_packed_bias", biases) if biases else None
+    return weight, bias
+
+
+def _packed_parameters(module: nn.Module, name: str, params: list[nn.Parameter]) -> torch.Tensor:
+    packed = module.__dict__.get(name)
+    if packed is not None and packed.dtype == params[0].dtype:
+        # The packed tensor is kept alive here, so matching addresses mean the parameters
+        # are still views of it.
+        address = packed.data_ptr()
+        for param in params:
+            if param.data_ptr() != address or not param.is_contiguous():
+                break
+            address += param.numel() * param.element_size()
+        else:
+            return packed
+    with torch.no_grad(), torch.inference_mode(False):
+        packed = torch.cat([p.detach() for p in params])
+    for param, view in zip(params, packed.split([p.shape[0] for p in params]), strict=True):
+        param.data = view
+    module.__dict__[name] = packed
+    return packed
 
 
 def fused_block(
@@ -348,7 +375,7 @@ class Dinov2Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Dinov2Layer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
-        self.exact_gelu = not config.use_swiglu_ffn and config.hidden_act == "gelu"
+        self.exact_gelu = uses_exact_gelu(config)
 
     def forward(
         self,
@@ -469,7 +496,9 @@ class Dinov2PreTrainedModel(nn.Module):
             or config.attention_probs_dropout_prob > 0
             or config.drop_path_rate > 0
         )
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        needs_grad = torch.is_grad_enabled() and (
+            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
         if output_attentions or dropout or needs_grad or config.num_hidden_layers == 0:
             return None
         if backend == "auto" and not (device.type == "cuda" and ops.triton_available(device)):
@@ -698,8 +727,9 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        head_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,

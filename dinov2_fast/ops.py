@@ -111,13 +111,19 @@ def _use_triton(
 # The custom ops: the Triton kernels seen by torch.compile as single opaque calls.
 
 
+def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its stream: make that ``t``'s."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("dinov2_fast::layer_norm", mutates_args=())
 def _layer_norm_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     from .kernels import layernorm
 
-    return layernorm.layer_norm(x, weight, bias, eps)
+    with _on_device_of(x):
+        return layernorm.layer_norm(x, weight, bias, eps)
 
 
 @_layer_norm_op.register_fake
@@ -136,7 +142,8 @@ def _add_layerscale_layernorm_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .kernels import layernorm
 
-    return layernorm.add_layerscale_layernorm(residual, branch, scale, weight, bias, eps)
+    with _on_device_of(residual):
+        return layernorm.add_layerscale_layernorm(residual, branch, scale, weight, bias, eps)
 
 
 @_add_layerscale_layernorm_op.register_fake
@@ -156,7 +163,8 @@ def _(
 def _swiglu_op(x: torch.Tensor) -> torch.Tensor:
     from .kernels import swiglu
 
-    return swiglu.swiglu(x)
+    with _on_device_of(x):
+        return swiglu.swiglu(x)
 
 
 @_swiglu_op.register_fake
@@ -168,7 +176,8 @@ def _(x: torch.Tensor) -> torch.Tensor:
 def _gelu_op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from .kernels import gelu
 
-    return gelu.gelu(x, bias)
+    with _on_device_of(x):
+        return gelu.gelu(x, bias)
 
 
 @_gelu_op.register_fake
@@ -186,7 +195,8 @@ def _attention_op(
 ) -> torch.Tensor:
     from .kernels import attention
 
-    out, _lse = attention.flash_attention(qkv, num_heads, scale, head_scale, cu_seqlens)
+    with _on_device_of(qkv):
+        out, _lse = attention.flash_attention(qkv, num_heads, scale, head_scale, cu_seqlens)
     return out
 
 
@@ -236,7 +246,8 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact (erf) GELU of ``x + bias``, one pass: the fc1 epilogue of a bias-free GEMM."""
+    """Exact (erf) GELU of ``x + bias`` in one pass (``bias`` for a bias-free fc1 GEMM; the
+    model lets cuBLAS add fc1's bias in its epilogue and passes none)."""
     if _use_triton("gelu", [x, bias]):
         return _gelu_op(x, bias)
     return reference.gelu(x, bias)

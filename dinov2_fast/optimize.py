@@ -3,7 +3,7 @@
 ``optimize(model)`` keeps the model's class, config, parameters and ``state_dict`` keys; it
 rebinds ``forward`` on each ``Dinov2Layer`` instance (and the final LayerNorm) so every block
 runs one packed QKV GEMM, flash attention on the packed output, residual + LayerScale +
-LayerNorm in one pass and a fused FFN epilogue. The layers are still called as modules, so
+LayerNorm in one pass and the GELU or SwiGLU op. The layers are still called as modules, so
 transformers' hooks still collect ``hidden_states``. Calls the kernels cannot serve take the
 original forward: recorded attention probabilities, gradients, active dropout.
 """
@@ -11,14 +11,13 @@ original forward: recorded attention probabilities, gradients, active dropout.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops
-from .modeling import fused_block
+from .modeling import fused_block, uses_exact_gelu
 
 __all__ = ["ATTENTION_IMPLEMENTATION", "optimize", "register_attention_implementation"]
 
@@ -105,25 +104,26 @@ def _needs_original(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return module.training or _recording_attentions()
 
 
-def _fused_layer_forward(exact_gelu: bool, original: Callable) -> Callable:
-    def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        extra = [*args, *kwargs.values()]
-        if any(a is not None for a in extra) or _needs_original(self, hidden_states):
-            return original(hidden_states, *args, **kwargs)
-        norm1 = self.norm1
-        normed = ops.layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps)
-        return fused_block(self, exact_gelu, hidden_states, normed, None, None)[0]
+def _fused_layer_forward(
+    self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """A transformers ``Dinov2Layer`` on the fused ops; the class's own forward otherwise.
 
-    return forward
+    Bound to each layer instance by ``optimize``; a module-level function (no closure), so
+    ``copy.deepcopy`` rebinds it to the copy.
+    """
+    extra = [*args, *kwargs.values()]
+    if any(a is not None for a in extra) or _needs_original(self, hidden_states):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    norm1 = self.norm1
+    normed = ops.layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps)
+    return fused_block(self, self._dinov2_fast_exact_gelu, hidden_states, normed, None, None)[0]
 
 
-def _fused_layernorm_forward(original: Callable) -> Callable:
-    def forward(self: nn.LayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
-        if _needs_original(self, hidden_states):
-            return original(hidden_states)
-        return ops.layer_norm(hidden_states, self.weight, self.bias, self.eps)
-
-    return forward
+def _fused_layernorm_forward(self: nn.LayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    if _needs_original(self, hidden_states):
+        return type(self).forward(self, hidden_states)
+    return ops.layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -139,8 +139,7 @@ def optimize(model: nn.Module) -> nn.Module:
             f"optimize() takes a transformers DINOv2 model ({', '.join(_SUPPORTED)}), got {name}; "
             "dinov2_fast's own models are fused already (model.set_backend('auto'))"
         )
-    config = model.config
-    exact_gelu = not config.use_swiglu_ffn and config.hidden_act == "gelu"
+    exact_gelu = uses_exact_gelu(model.config)
     layers = [
         m for m in model.modules() if type(m).__name__.endswith("Layer") and hasattr(m, "mlp")
     ]
@@ -148,15 +147,10 @@ def optimize(model: nn.Module) -> nn.Module:
     for layer in layers:
         _check_layer(layer)
     for layer in layers:
-        if not hasattr(layer, "_dinov2_fast_original"):
-            layer._dinov2_fast_original = layer.forward
-        layer.forward = types.MethodType(
-            _fused_layer_forward(exact_gelu, layer._dinov2_fast_original), layer
-        )
+        layer._dinov2_fast_exact_gelu = exact_gelu
+        layer.forward = types.MethodType(_fused_layer_forward, layer)
     for norm in norms:
-        if not hasattr(norm, "_dinov2_fast_original"):
-            norm._dinov2_fast_original = norm.forward
-        norm.forward = types.MethodType(_fused_layernorm_forward(norm._dinov2_fast_original), norm)
+        norm.forward = types.MethodType(_fused_layernorm_forward, norm)
     register_attention_implementation()
     return model
 

@@ -1,0 +1,240 @@
+"""``dinov2-fast``: embed images, verify the fast path, benchmark it, report the setup.
+
+Errors in arguments or files are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import numpy as np
+
+from ._diagnostics import bench, info, verify
+from ._resolve import DTYPES, POOLS, SIZES, UserError, first_line
+from .ops import BACKENDS
+
+__all__ = ["main"]
+
+_PROG = "dinov2-fast"
+_MODEL_HELP = f"model folder, .pth, hub id, or a random-weight size ({', '.join(SIZES)})"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="model dtype; auto: bfloat16 on GPUs that have it, float32 on CPU",
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: the Triton fast path on CUDA, plain PyTorch otherwise",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    embed = commands.add_parser(
+        "embed",
+        help="images to a features .npy and a manifest",
+        description="Embed images (files, folders searched recursively, globs) into FEATURES.npy "
+        "and FEATURES.manifest.json. Rows follow the inputs in command-line order, a folder's or "
+        "glob's images sorted by path. Under torchrun the inputs are sharded across processes.",
+    )
+    embed.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob")
+    embed.add_argument(
+        "--model",
+        required=True,
+        help="local transformers model folder, original .pth file, or hub id",
+    )
+    embed.add_argument("--out", required=True, metavar="FEATURES.npy", help="features file")
+    embed.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="cls",
+        help="cls: pooler_output (default); mean: mean of patch tokens; "
+        "cls+mean: both concatenated; patch: all patch tokens",
+    )
+    embed.add_argument(
+        "--size",
+        type=_positive_int,
+        default=224,
+        metavar="S",
+        help="center-crop size; the shortest edge is resized to round(S*256/224)",
+    )
+    embed.add_argument("--batch-size", type=_positive_int, default=64)
+    embed.add_argument(
+        "--workers",
+        type=_count,
+        default=None,
+        help="image-decoding processes (default: 1 on CPU; on GPU the cores less one, up to 16)",
+    )
+    embed.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep rows an earlier run of the same settings already wrote",
+    )
+    _add_runtime_options(embed)
+    embed.set_defaults(run=_run_embed)
+
+    verify = commands.add_parser(
+        "verify",
+        help="fast path against the reference on a random input",
+        description="Run the fast path and the float32 reference on the same random input, print "
+        "relative errors per layer and output, exit 1 past the tolerance.",
+    )
+    verify.add_argument("--model", default="small", help=_MODEL_HELP)
+    verify.add_argument("--image-size", type=_positive_int, default=224)
+    verify.add_argument("--batch-size", type=_positive_int, default=2)
+    _add_runtime_options(verify)
+    verify.set_defaults(run=_run_verify)
+
+    bench = commands.add_parser(
+        "bench",
+        help="images/s against transformers",
+        description="Time the forward pass per batch size, against transformers when installed.",
+    )
+    bench.add_argument("--model", default="small", help=_MODEL_HELP)
+    bench.add_argument(
+        "--batch",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="batch sizes (default: 1 8 on CPU, 1 32 128 on GPU)",
+    )
+    bench.add_argument("--image-size", type=_positive_int, default=224)
+    bench.add_argument(
+        "--iters",
+        type=_positive_int,
+        default=None,
+        help="timed runs per row (default: 3 on CPU, 20 on GPU)",
+    )
+    _add_runtime_options(bench)
+    bench.set_defaults(run=_run_bench)
+
+    info = commands.add_parser("info", help="versions, device and usable backends")
+    info.set_defaults(run=_run_info)
+    return parser
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    # Imported here: it needs Pillow and tqdm (the cli extra), which the other commands do not.
+    from .embed import embed_images
+
+    result = embed_images(
+        args.inputs,
+        args.model,
+        args.out,
+        pool=args.pool,
+        crop_size=args.size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        workers=args.workers,
+        backend=args.backend,
+        resume=args.resume,
+    )
+    if not _is_rank0():
+        return 0 if result.rows else 1
+    if not result.rows:
+        print(
+            f"{_PROG}: error: no input could be read ({result.skipped} skipped, reasons in "
+            f"{result.manifest})",
+            file=sys.stderr,
+        )
+        return 1
+    features = np.load(result.features, mmap_mode="r")
+    shape = " x ".join(str(n) for n in features.shape)
+    print(f"features: {result.features} ({shape}, {features.dtype})")
+    print(
+        f"manifest: {result.manifest} ({result.rows} inputs in row order, {result.skipped} skipped)"
+    )
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    return verify(
+        args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+    )
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    return bench(
+        args.model,
+        batches=args.batch,
+        image_size=args.image_size,
+        iters=args.iters,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+    )
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    return info()
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UserError, OSError) as err:
+        # Under torchrun every rank meets the same error; one report is enough.
+        if _is_rank0():
+            print(f"{_PROG}: error: {first_line(err)}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        # Pillow and tqdm come with the cli extra, transformers with its own.
+        print(
+            f"{_PROG}: error: {err} (pip install 'dinov2-fast[cli,transformers]')", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        hint = "; rerun with --resume to continue" if args.command == "embed" else ""
+        print(f"{_PROG}: interrupted{hint}", file=sys.stderr)
+        return 130

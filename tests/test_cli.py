@@ -1,0 +1,395 @@
+"""The dinov2-fast CLI, run as a subprocess the way users run it.
+
+The truth for features is transformers: its BitImageProcessor (PIL backend, configured as
+the facebook/dinov2-* checkpoints are) and its Dinov2Model, on a small random model saved
+with transformers' own save_pretrained. Runs use ``--device cpu`` so the numbers are the same
+on every machine; ``verify`` takes the Triton path through the interpreter. Two hooks reach
+inside the CLI: ``DINOV2_FAST_VERIFY_PLANT`` (verify perturbs the fast path's weights: a
+planted mismatch) and a FIFO among the inputs, which blocks the reader so a run can be
+killed mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+READABLE = [
+    "a_rgb.jpg",
+    "b_grey.png",
+    "e_palette.gif",
+    "nested/c_rgba.png",
+    "nested/d_square.jpeg",
+]
+UNREADABLE = ["nested/truncated.jpg", "zz_corrupt.jpg"]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    # The CLI's backend choice is under test, so no interpreter or forced backend leaks in.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DINOV2_FAST_BACKEND")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **(extra or {})}
+
+
+def _command(*args: object, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
+    return [*launcher, "-m", "dinov2_fast", *map(str, args)]
+
+
+def _cli(*args: object, extra_env: dict[str, str] | None = None, **launcher: tuple[str, ...]):
+    return subprocess.run(
+        _command(*args, **launcher),
+        capture_output=True,
+        text=True,
+        env=_env(extra_env),
+        timeout=300,
+    )
+
+
+def _random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _write_images(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "nested").mkdir(parents=True)
+    _random_image(rng, 300, 400).save(folder / "a_rgb.jpg")
+    _random_image(rng, 401, 299).convert("L").save(folder / "b_grey.png")
+    _random_image(rng, 90, 120).convert("P").save(folder / "e_palette.gif")
+    _random_image(rng, 50, 37).convert("RGBA").save(folder / "nested/c_rgba.png")
+    _random_image(rng, 256, 256).save(folder / "nested/d_square.jpeg")
+    jpeg = (folder / "a_rgb.jpg").read_bytes()
+    (folder / "nested/truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "zz_corrupt.jpg").write_bytes(b"this is not an image")
+    (folder / "notes.txt").write_text("not an image name: ignored")
+    shutil.copy(folder / "a_rgb.jpg", folder / ".hidden.jpg")
+
+
+def _save_random_model(folder: Path, config) -> None:
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config)
+    with torch.no_grad():
+        # Norm weights, biases and registers start as ones and zeros, which hide mistakes.
+        for param in model.parameters():
+            if param.dim() <= 1 or param.abs().max() == 0:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    _write_images(root / "images")
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=518)
+    _save_random_model(
+        root / "model", transformers.Dinov2Config(**shape, patch_size=14, layerscale_value=0.5)
+    )
+    _save_random_model(
+        root / "model_registers",
+        transformers.Dinov2WithRegistersConfig(**shape, patch_size=14, num_register_tokens=4),
+    )
+    return root
+
+
+def _expected(
+    workspace: Path, paths: list[str], pool: str = "cls", crop: int = 224, model: str = "model"
+) -> np.ndarray:
+    processor = transformers.BitImageProcessorPil(
+        size={"shortest_edge": round(crop * 256 / 224)},
+        crop_size={"height": crop, "width": crop},
+        resample=3,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    net = transformers.AutoModel.from_pretrained(workspace / model).eval()
+    pixels = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        output = net(pixel_values=pixels)
+    patches = output.last_hidden_state[:, 1 + getattr(net.config, "num_register_tokens", 0) :]
+    pooled = {
+        "cls": output.pooler_output,
+        "mean": patches.mean(1),
+        "cls+mean": torch.cat([output.pooler_output, patches.mean(1)], dim=-1),
+        "patch": patches,
+    }[pool]
+    return pooled.numpy()
+
+
+def _assert_close(features: np.ndarray, expected: np.ndarray) -> None:
+    assert features.shape == expected.shape
+    assert np.linalg.norm(features - expected) / np.linalg.norm(expected) < 1e-3
+
+
+def _manifest(features: Path) -> dict:
+    return json.loads(features.with_suffix(".manifest.json").read_text())
+
+
+def _embed_args(
+    workspace: Path, out: Path, *inputs: object, extra: tuple = (), model: str = "model"
+) -> list[object]:
+    model_dir = workspace / model
+    options = ["--model", model_dir, "--out", out, "--device", "cpu", "--workers", "0", *extra]
+    return ["embed", *inputs, *options]
+
+
+def _embed(workspace: Path, out: Path, *inputs: object, extra: tuple = (), model: str = "model"):
+    return _cli(*_embed_args(workspace, out, *inputs, extra=extra, model=model))
+
+
+@pytest.fixture(scope="module")
+def single_run(workspace: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    out = workspace / "single" / "features.npy"
+    return out, _embed(workspace, out, workspace / "images", extra=("--batch-size", "3"))
+
+
+def test_embed_folder_matches_transformers_and_skips_unreadable_files(workspace, single_run):
+    out, run = single_run
+    assert run.returncode == 0, run.stderr
+    manifest = _manifest(out)
+    images = workspace / "images"
+    assert manifest["inputs"] == [str(images / name) for name in READABLE]
+    assert [s["path"] for s in manifest["skipped"]] == [str(images / n) for n in UNREADABLE]
+    assert all(s["reason"] for s in manifest["skipped"])
+    for name in UNREADABLE:
+        assert f"skipped {images / name}: " in run.stderr
+    assert f"features: {out} (5 x 64, float32)" in run.stdout
+    _assert_close(np.load(out), _expected(workspace, manifest["inputs"]))
+    assert not out.with_suffix(".partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("pool", "crop", "model"),
+    [
+        ("mean", 224, "model"),
+        ("cls+mean", 224, "model_registers"),
+        ("patch", 112, "model_registers"),
+    ],
+)
+def test_pools_sizes_and_registers_match_transformers(workspace, tmp_path, pool, crop, model):
+    paths = [workspace / "images" / name for name in ("b_grey.png", "nested/c_rgba.png")]
+    out = tmp_path / "features.npy"
+    run = _embed(workspace, out, *paths, extra=("--pool", pool, "--size", str(crop)), model=model)
+    assert run.returncode == 0, run.stderr
+    expected = _expected(workspace, [str(p) for p in paths], pool, crop, model)
+    _assert_close(np.load(out), expected)
+    assert _manifest(out)["feature_shape"] == list(expected.shape[1:])
+
+
+def test_nothing_readable_exits_non_zero(workspace, tmp_path):
+    corrupt = workspace / "images" / "zz_corrupt.jpg"
+    run = _embed(workspace, tmp_path / "features.npy", corrupt)
+    assert run.returncode == 1
+    assert f"skipped {corrupt}" in run.stderr
+    assert "no input could be read" in run.stderr
+
+
+def _wait_for_rows(status: Path, rows: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if status.is_file() and np.count_nonzero(np.load(status) == 1) >= rows:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{status} never showed {rows} finished rows")
+
+
+def test_resume_continues_a_killed_run_and_extends_a_finished_one(workspace, tmp_path):
+    images = workspace / "images"
+    blocker = tmp_path / "late.png"
+    os.mkfifo(blocker)
+    inputs = [images / "a_rgb.jpg", images / "b_grey.png", blocker, images / "nested/c_rgba.png"]
+    out = tmp_path / "features.npy"
+    # Reading the FIFO blocks until a writer comes, so the run stops after two rows.
+    process = subprocess.Popen(
+        _command(*_embed_args(workspace, out, *inputs, extra=("--batch-size", "1"))),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_rows(out.with_suffix(".partial") / "status.npy", 2, process)
+    finally:
+        process.kill()
+        process.wait()
+    blocker.unlink()
+    shutil.copy(images / "nested/d_square.jpeg", blocker)
+
+    run = _embed(workspace, out, *inputs, extra=("--resume",))
+    assert run.returncode == 0, run.stderr
+    assert "resuming: 2 of 4 rows already written" in run.stderr
+    paths = _manifest(out)["inputs"]
+    _assert_close(np.load(out), _expected(workspace, paths))
+
+    # A finished run, one more input: only that one is computed; the rest are kept as written.
+    written = np.load(out, mmap_mode="r+")
+    written[0] = 7.0
+    written.flush()
+    del written
+    extra_image = images / "e_palette.gif"
+    run = _embed(workspace, out, *inputs, extra_image, extra=("--resume",))
+    assert run.returncode == 0, run.stderr
+    assert "resuming: 4 of 5 rows already written" in run.stderr
+    features = np.load(out)
+    assert (features[0] == 7.0).all()
+    assert _manifest(out)["inputs"] == [*paths, str(extra_image)]
+    _assert_close(features[1:], _expected(workspace, [*paths[1:], str(extra_image)]))
+
+
+def test_resume_refuses_other_settings(workspace, single_run):
+    out, _ = single_run
+    run = _embed(workspace, out, workspace / "images", extra=("--resume", "--pool", "mean"))
+    assert run.returncode == 2
+    assert "pool='cls'" in run.stderr and "'mean'" in run.stderr
+
+
+def test_torchrun_two_processes_write_the_single_process_result(workspace, single_run, tmp_path):
+    single, _ = single_run
+    out = tmp_path / "features.npy"
+    run = _cli(
+        *_embed_args(workspace, out, workspace / "images", extra=("--batch-size", "2")),
+        launcher=(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+        ),
+    )
+    assert run.returncode == 0, run.stderr
+    assert _manifest(out) == _manifest(single)
+    np.testing.assert_array_equal(np.load(out), np.load(single))
+
+
+def test_verify_passes_and_catches_a_planted_mismatch(workspace):
+    # The Triton interpreter runs the real fast path on the CPU; the model is tiny enough.
+    args = ("verify", "--model", workspace / "model", "--image-size", "56", "--batch-size", "1")
+    args += ("--device", "cpu", "--dtype", "float32", "--backend", "triton")
+    interpret = {"TRITON_INTERPRET": "1"}
+    run = _cli(*args, extra_env=interpret)
+    assert run.returncode == 0, run.stdout + run.stderr
+    launches = re.search(r"\((\d+) Triton kernel launches\)", run.stdout)
+    assert launches and int(launches.group(1)) > 0, run.stdout
+    assert "layer 2" in run.stdout and "pooler_output" in run.stdout
+    assert "PASS" in run.stdout
+    planted = _cli(*args, extra_env={**interpret, "DINOV2_FAST_VERIFY_PLANT": "0.05"})
+    assert planted.returncode == 1, planted.stdout + planted.stderr
+    assert "FAIL" in planted.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("embed", "{images}", "--model", "{tmp}/no-such-model", "--out", "{tmp}/f.npy"),
+            "model not found",
+        ),
+        (("embed", "{tmp}/empty", "--model", "{model}", "--out", "{tmp}/f.npy"), "no images in"),
+        (
+            (
+                "embed",
+                "{images}",
+                "--model",
+                "{model}",
+                "--out",
+                "{tmp}/f.npy",
+                "--dtype",
+                "float64",
+            ),
+            "invalid choice",
+        ),
+        (
+            ("embed", "{tmp}/missing.jpg", "--model", "{model}", "--out", "{tmp}/f.npy"),
+            "no such file",
+        ),
+        (("embed", "{images}", "--model", "{model}", "--out", "{tmp}/f.txt"), ".npy"),
+        (("embed", "{images}", "--model", "small", "--out", "{tmp}/f.npy"), "random-weight"),
+        (("verify", "--model", "{model}", "--device", "cpu", "--backend", "triton"), "interpreter"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(workspace, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    names = {"images": workspace / "images", "model": workspace / "model", "tmp": tmp_path}
+    run = _cli(*(a.format(**names) for a in args))
+    assert run.returncode == 2
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dinov2-fast"), run.stderr
+    assert message in lines[0]
+
+
+def test_info_and_bench(workspace):
+    info = _cli("info")
+    assert info.returncode == 0, info.stderr
+    assert "backend triton" in info.stdout and "torch" in info.stdout
+    bench = _cli(
+        "bench",
+        "--model",
+        workspace / "model",
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+        "--image-size",
+        "56",
+        "--device",
+        "cpu",
+    )
+    assert bench.returncode == 0, bench.stderr
+    assert "transformers" in bench.stdout and "images/s" in bench.stdout
+
+
+@pytest.mark.parametrize("crop", [224, 98, 518])
+def test_preprocess_is_pixel_exact_with_transformers(crop):
+    from dinov2_fast.preprocess import preprocess
+
+    processor = transformers.BitImageProcessorPil(
+        size={"shortest_edge": round(crop * 256 / 224)},
+        crop_size={"height": crop, "width": crop},
+        resample=3,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    rng = np.random.default_rng(crop)
+    for (height, width), mode in [
+        ((300, 400), "RGB"),
+        ((401, 299), "L"),
+        ((50, 37), "RGBA"),
+        ((256, 256), "RGB"),
+        ((1000, 77), "P"),
+        ((123, 457), "LA"),
+    ]:
+        image = _random_image(rng, height, width).convert(mode)
+        expected = processor(image, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_array_equal(preprocess(image, crop), expected)
+
+
+def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_repeats(
+    workspace, monkeypatch
+):
+    from dinov2_fast.embed import collect_inputs
+
+    monkeypatch.chdir(workspace)
+    inputs = collect_inputs(["images/nested/d_square.jpeg", "images/**/*.png", "images/nested"])
+    assert inputs == [
+        "images/nested/d_square.jpeg",
+        "images/b_grey.png",
+        "images/nested/c_rgba.png",
+        "images/nested/truncated.jpg",
+    ]
