@@ -19,6 +19,7 @@ def _our_model():
     return randomize(dinov2_fast.Dinov2Model(config)).eval()
 
 
+@pytest.mark.interpreter
 @torch.no_grad()
 def test_fullgraph_compile_of_our_model_runs_the_kernels():
     model = _our_model()
@@ -31,6 +32,7 @@ def test_fullgraph_compile_of_our_model_runs_the_kernels():
     assert rel_err(out, expected) <= 1e-4
 
 
+@pytest.mark.interpreter
 @torch.no_grad()
 def test_fullgraph_compile_of_an_optimized_transformers_model():
     original = hf_model("Dinov2Model", **HEAD64)

@@ -20,6 +20,9 @@ from dinov2_fast import reference
 from dinov2_fast.kernels._common import count_launches
 from dinov2_fast.kernels.attention import flash_attention
 
+# Tier 1 runs kernels on CPU tensors; gpu-marked tests run natively (conftest.py).
+pytestmark = pytest.mark.interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

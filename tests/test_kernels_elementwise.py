@@ -11,6 +11,9 @@ from dinov2_fast import reference
 from dinov2_fast.kernels import gelu, swiglu
 from dinov2_fast.kernels._common import _prune_wide_column_tiles, count_launches
 
+# Tier 1 runs kernels on CPU tensors; gpu-marked tests run natively (conftest.py).
+pytestmark = pytest.mark.interpreter
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch, tokens, hidden): DINOv2's FFN widths (SwiGLU giant: 4096) at ragged token counts.
 SHAPES = [(1, 1, 1536), (3, 17, 3072), (1, 257, 1536), (1, 261, 4096), (1, 1370, 384)]

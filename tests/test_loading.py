@@ -133,8 +133,13 @@ def test_unreadable_and_absent_files(tmp_path, monkeypatch):
         dinov2_fast.Dinov2Model.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dinov2_fast.Dinov2Model.from_pretrained(tmp_path / "nowhere")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="could not be fetched from the hub"):
+    import huggingface_hub
+
+    def unreachable(repo_id, **kwargs):
+        raise OSError(f"cannot reach the hub for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(FileNotFoundError, match="could not be fetched from the hub.*cannot reach"):
         dinov2_fast.Dinov2Model.from_pretrained("facebook/dinov2-small")
 
 

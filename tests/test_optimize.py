@@ -16,6 +16,7 @@ from dinov2_fast.kernels._common import count_launches
 from tests._models import hf_model, rel_err
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
 
 LAYERS = 2
 HEAD64 = {"hidden_size": 128, "num_attention_heads": 2}

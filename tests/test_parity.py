@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import dinov2_fast
-from tests._models import hf_and_ours, hf_model, rel_err
+from tests._models import hf_and_ours, hf_model, randomize, rel_err
 
 TOL = 1e-5
 
@@ -177,13 +177,15 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
             num_labels=3,
             out_indices=[1, 2],
         )
-        ours = getattr(dinov2_fast, kind)(config).eval()
+        ours = randomize(getattr(dinov2_fast, kind)(config)).eval()
         folder = tmp_path / f"{kind}-{registers}"
         ours.save_pretrained(folder)
         hf = getattr(
             transformers, kind.replace("Dinov2", "Dinov2WithRegisters") if registers else kind
         )
-        hf = hf.from_pretrained(folder).eval()
+        hf, info = hf.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.values()), info
+        hf.eval()
         pixels = torch.randn(2, 3, 56, 70)
         with torch.no_grad():
             ref, out = hf(pixels), ours(pixels)
