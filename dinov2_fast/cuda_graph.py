@@ -90,10 +90,9 @@ class CudaGraphRunner:
                 f"{getattr(pixel_values, 'device', type(pixel_values))}"
             )
         key = (tuple(pixel_values.shape), pixel_values.dtype)
-        stamp = self._stamp()
         entry = self._graphs.get(key)
-        if entry is None or entry[0] != stamp:
-            entry = self._capture(pixel_values, stamp)
+        if entry is None or entry[0] != self._stamp():
+            entry = self._capture(pixel_values)
             self._graphs[key] = entry
         _, graph, static_input, static_output = entry
         with torch.cuda.device(device):
@@ -104,7 +103,7 @@ class CudaGraphRunner:
         return static_output
 
     @torch.no_grad()
-    def _capture(self, pixel_values: torch.Tensor, stamp: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _capture(self, pixel_values: torch.Tensor) -> tuple[Any, ...]:
         with torch.cuda.device(pixel_values.device):
             static_input = pixel_values.clone()
             # Warm up on a side stream: kernel compilation, autotuning and weight packing
@@ -120,7 +119,8 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static_output = self.model(static_input, **self.forward_kwargs)
-        return stamp, graph, static_input, static_output
+        # Stamped after the warm-up, which may have re-packed weights (new addresses).
+        return self._stamp(), graph, static_input, static_output
 
 
 def cuda_graph(

@@ -41,6 +41,9 @@ def test_stage_selection_matches_transformers():
         Dinov2Config(num_hidden_layers=2, out_features=["stage7"])
     with pytest.raises(ValueError, match="name different stages"):
         Dinov2Config(num_hidden_layers=2, out_features=["stage1"], out_indices=[2])
+    for stages in (["stage2", "stem"], ["stage1", "stage1"]):
+        with pytest.raises(ValueError, match="distinct stages in the order"):
+            Dinov2Config(num_hidden_layers=2, out_features=stages)
 
 
 def test_round_trip_and_transformers_config_json(tmp_path):

@@ -140,3 +140,32 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv(ops.BACKEND_ENV_VAR)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu"):
         fast(pixels)
+
+
+@torch.no_grad()
+def test_packed_qkv_is_the_live_parameters():
+    reference, fast = _pair()
+    pixels = torch.randn(1, 3, 56, 56)
+    fast(pixels)
+    attention = fast.encoder.layer[0].attention.attention
+    weights = [attention.query.weight, attention.key.weight, attention.value.weight]
+    # One storage, no extra copy of the weights.
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    new_bias = torch.randn(128)
+    for model in (reference, fast):
+        # .data writes bypass version counters (an EMA teacher update does this).
+        model.encoder.layer[0].attention.attention.value.weight.data.mul_(-2)
+        model.encoder.layer[1].attention.attention.query.bias.data = new_bias.clone()
+    assert rel_err(fast(pixels).last_hidden_state, reference(pixels).last_hidden_state) <= 1e-4
+
+
+def test_gradients_for_the_input_take_the_torch_path():
+    reference, fast = _pair()
+    fast.requires_grad_(False)
+    pixels = torch.randn(1, 3, 56, 56, requires_grad=True)
+    with count_launches() as launches:
+        fast(pixels).pooler_output.sum().backward()
+    assert not launches
+    expected = pixels.detach().clone().requires_grad_(True)
+    reference(expected).pooler_output.sum().backward()
+    assert rel_err(pixels.grad, expected.grad) <= 1e-5

@@ -152,3 +152,25 @@ def test_config_json_errors(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         dinov2_fast.Dinov2Model.from_pretrained(tmp_path)
+
+
+def test_bf16_checkpoint_with_a_fresh_head_keeps_one_dtype(tmp_path):
+    hf_model().to(torch.bfloat16).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="newly initialised"):
+        model = dinov2_fast.Dinov2ForImageClassification.from_pretrained(tmp_path, num_labels=2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.randn(1, 3, 56, 56)).logits.dtype == torch.bfloat16
+
+
+def test_config_overrides_on_saved_folders(tmp_path):
+    hf, _ = hf_and_ours(tmp_path, "Dinov2ForImageClassification", num_labels=3)
+    relabelled = dinov2_fast.Dinov2ForImageClassification.from_pretrained(
+        tmp_path / "hf", num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"}
+    )
+    assert relabelled.config.id2label[2] == "fox"
+    backbone_folder = tmp_path / "backbone"
+    hf_model("Dinov2Backbone", out_indices=[1, 2]).save_pretrained(backbone_folder)
+    backbone = dinov2_fast.Dinov2Backbone.from_pretrained(backbone_folder, out_features=["stem"])
+    assert (backbone.out_features, backbone.out_indices) == (["stem"], [0])
+    with pytest.raises(TypeError, match=r"\['torch_dtype'\] are not Dinov2Config fields"):
+        dinov2_fast.Dinov2Model.from_pretrained(backbone_folder, torch_dtype=torch.float16)

@@ -133,3 +133,21 @@ def test_image_feature_extraction_pipeline_gives_the_same_features():
     assert launches["attention"] == 2 * LAYERS
     for a, b in zip(after, before, strict=True):
         assert rel_err(a, b) <= 1e-4
+
+
+def test_a_deep_copy_of_an_optimized_model_runs_its_own_weights():
+    original, fast = _optimized_pair("Dinov2Model")
+    student = copy.deepcopy(fast)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.5)
+    pixels = torch.randn(1, 3, 56, 56)
+    with count_launches() as launches, torch.no_grad():
+        fused = student(pixels).last_hidden_state
+    assert launches["attention"] == LAYERS
+    student.train()
+    unfused = student(pixels).last_hidden_state  # training: the class's own forward
+    unfused.sum().backward()
+    assert rel_err(fused, unfused) <= 1e-4
+    assert student.encoder.layer[0].attention.attention.query.weight.grad is not None
+    assert fast.encoder.layer[0].attention.attention.query.weight.grad is None

@@ -109,3 +109,16 @@ def test_original_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read checkpoint file"):
         dinov2_fast.Dinov2Model.from_original(tmp_path / "bad.pth")
+
+
+def test_the_model_owns_its_tensors_and_export_warns_about_the_offset(tmp_path):
+    state = original_vit().state_dict()
+    model = dinov2_fast.Dinov2Model.from_original(state)
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        before = model(pixels).last_hidden_state
+        for tensor in state.values():
+            tensor.zero_()
+        assert torch.equal(model(pixels).last_hidden_state, before)
+    with pytest.warns(UserWarning, match="interpolate_offset=0.1"):
+        model.save_pretrained(tmp_path)

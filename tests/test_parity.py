@@ -199,3 +199,10 @@ def test_hf_model_helper_randomizes_every_parameter():
     model = hf_model("Dinov2Model")
     for name, param in model.named_parameters():
         assert param.std() > 0.02, name
+
+
+def test_classifier_takes_labels_second_as_in_transformers(tmp_path):
+    hf, ours = hf_and_ours(tmp_path, "Dinov2ForImageClassification", num_labels=4)
+    pixels, labels = torch.randn(4, 3, 56, 56), torch.randint(0, 4, (4,))
+    with torch.no_grad():
+        assert rel_err(ours(pixels, labels).loss, hf(pixels, labels).loss) <= TOL
