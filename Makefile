@@ -43,5 +43,9 @@ report: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dinov2_fast.demo
 
+# On a GPU: the headline benchmark matrix, rows to bench/results/ (see bench/README.md).
+bench: $(STAMP)
+	$(PY) -m pytest bench -p no:cacheprovider --bench-matrix check
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
