@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 from collections.abc import Iterator
 
@@ -253,6 +254,25 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return reference.gelu(x, bias)
 
 
+def _attention_blocker(
+    qkv: torch.Tensor, num_heads: int, scale: float | None, cu_seqlens: torch.Tensor | None
+) -> str | None:
+    """Why the attention kernel cannot take these arguments (None if it can)."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim not in _ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
+    if qkv.dtype == torch.float32 and qkv.is_cuda:
+        # Exact fp32 products spill registers in every tile shape (kernels/report.py).
+        return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
+    if scale is not None and not 0 < scale < math.inf:
+        return f"scale {scale} is not positive and finite"
+    if cu_seqlens is not None and (
+        cu_seqlens.dtype != torch.int32 or cu_seqlens.device != qkv.device
+    ):
+        return "cu_seqlens must be int32 on qkv's device"
+    return None
+
+
 def attention(
     qkv: torch.Tensor,
     num_heads: int,
@@ -263,11 +283,9 @@ def attention(
 ) -> torch.Tensor:
     """Non-causal multi-head attention on the packed (B, N, 3*H*Dh) QKV projection, giving
     (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``."""
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    unsupported_head_dim = None
-    if head_dim not in _ATTENTION_HEAD_DIMS:
-        unsupported_head_dim = f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
-    if _use_triton("attention", [qkv, head_scale], unsupported_head_dim):
+    if _use_triton(
+        "attention", [qkv, head_scale], _attention_blocker(qkv, num_heads, scale, cu_seqlens)
+    ):
         return _attention_op(qkv, num_heads, scale, head_scale, cu_seqlens)
     return reference.attention(
         qkv, num_heads, scale=scale, head_scale=head_scale, cu_seqlens=cu_seqlens

@@ -14,8 +14,9 @@ __all__ = ["add_layerscale_layernorm", "attention", "gelu", "layer_norm", "swigl
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension."""
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    """LayerNorm over the last dimension, in ``x``'s dtype (parameters are cast to it, as the
+    kernel does for an fp32 residual stream with bf16 parameters)."""
+    return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps)
 
 
 def add_layerscale_layernorm(
@@ -37,8 +38,8 @@ def add_layerscale_layernorm(
 
 
 def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact (erf) GELU of ``x + bias``."""
-    return F.gelu(x if bias is None else x + bias)
+    """Exact (erf) GELU of ``x + bias``, in ``x``'s dtype."""
+    return F.gelu(x if bias is None else x + bias).to(x.dtype)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

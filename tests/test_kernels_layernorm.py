@@ -68,8 +68,8 @@ def test_add_layerscale_layernorm(case: tuple, fp32_residual: bool) -> None:
     residual_dtype = torch.float32 if fp32_residual else dtype
     residual = row_strided((batch, tokens, dim), residual_dtype, pad=48)
     branch = row_strided((batch, tokens, dim), dtype, pad=16)
-    # Parameters follow the residual stream (PyTorch's CPU LayerNorm needs them to match it).
-    scale, weight, bias = _params(dim, residual_dtype)
+    # Parameters in the model's (branch's) dtype, also when the residual stream is fp32.
+    scale, weight, bias = _params(dim, dtype)
     out_residual, residual_backing = poisoned_rows((batch, tokens, dim), residual_dtype, pad=8)
     out_normed = torch.full((batch, tokens, dim), float("nan"), dtype=dtype)
     with count_launches() as launches:

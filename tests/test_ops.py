@@ -116,6 +116,20 @@ def test_auto_falls_back_on_unsupported_dtype_and_head_dim() -> None:
     torch.testing.assert_close(attended, reference.attention(qkv16, 2))
 
 
+def test_attention_arguments_the_kernel_refuses_take_the_reference() -> None:
+    qkv = torch.randn(2, 5, 3 * 2 * 32)
+    cu_seqlens64 = torch.tensor([0, 4, 10])
+    with count_launches() as launches:
+        negative = ops.attention(qkv, 2, scale=-0.5)
+        varlen = ops.attention(qkv.flatten(0, 1), 2, cu_seqlens=cu_seqlens64)
+    assert not launches
+    torch.testing.assert_close(negative, reference.attention(qkv, 2, scale=-0.5))
+    expected = reference.attention(qkv.flatten(0, 1), 2, cu_seqlens=cu_seqlens64)
+    torch.testing.assert_close(varlen, expected)
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="int32"):
+        ops.attention(qkv.flatten(0, 1), 2, cu_seqlens=cu_seqlens64)
+
+
 def test_forced_triton_raises_instead_of_falling_back() -> None:
     with ops.use_backend("triton"):
         with pytest.raises(RuntimeError, match="triton.*float64"):

@@ -77,8 +77,15 @@ def output_rows(t: Any) -> Any:
         raise ValueError("an output's leading dimensions must collapse into one row stride") from e
 
 
-def output_tensor(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
-    """``out`` after checking its shape and dtype, or a fresh tensor when it is None."""
+def output_tensor(
+    out: Any, shape: tuple[int, ...], dtype: Any, device: Any, inputs: tuple[Any, ...] = ()
+) -> Any:
+    """``out`` after checking its shape and dtype, or a fresh tensor when it is None.
+
+    A given ``out`` may not share storage with ``inputs``: on a GPU the autotuner replays the
+    first launch of each key several times, and an output that is also an input would be
+    rewritten from its own result.
+    """
     import torch
 
     shape = tuple(shape)
@@ -86,7 +93,15 @@ def output_tensor(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> 
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != shape or out.dtype != dtype:
         raise ValueError(f"out must be {shape} {dtype}, got {tuple(out.shape)} {out.dtype}")
+    check_no_shared_storage(out, inputs)
     return out
+
+
+def check_no_shared_storage(out: Any, inputs: tuple[Any, ...]) -> None:
+    """Refuse an output that shares memory with an input (see ``output_tensor``)."""
+    address = out.untyped_storage().data_ptr()
+    if any(t is not None and t.untyped_storage().data_ptr() == address for t in inputs):
+        raise ValueError("an output may not share memory with an input of the same call")
 
 
 def check_vector(name: str, v: Any, length: int) -> None:

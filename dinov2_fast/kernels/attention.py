@@ -24,7 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, device_arch, interpreting, nearest_arch, record_launch
+from ._common import (
+    KernelSpec,
+    check_no_shared_storage,
+    device_arch,
+    divisibility_attrs,
+    interpreting,
+    nearest_arch,
+    record_launch,
+)
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "compile_specs", "flash_attention"]
 
@@ -105,6 +113,7 @@ def _attention_fwd_kernel(
     stride_lse_head,
     stride_head_scale_batch,
     stride_head_scale_head,
+    work_bucket,
     HEAD_DIM: tl.constexpr,
     BLOCK_DMODEL: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -247,12 +256,14 @@ _CONFIGS: dict[tuple[int, int], list[triton.Config]] = {
 }
 
 
-# Query blocks go on grid axis 1, which CUDA caps at 65535.
-_MAX_TOKENS = 65535 * min(
-    config.kwargs["BLOCK_M"]
+_BLOCKS = [
+    (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
     for configs in (*_CONFIGS.values(), [_INTERPRETER_CONFIG])
     for config in configs
-)
+]
+# Query blocks go on grid axis 1, which CUDA caps at 65535.
+_MAX_TOKENS = 65535 * min(m for m, _ in _BLOCKS)
+_MAX_BLOCK = max(max(block) for block in _BLOCKS)
 
 
 def _config_width(block_dmodel: int) -> int:
@@ -265,8 +276,11 @@ def _tuned_kernel(arch: int, width: int) -> triton.runtime.Autotuner:
     # Keyed on the exact (longest) sequence length like other flash kernels: varlen batches
     # tune once per distinct max_seqlen.
     # cache_results keeps the choice on disk, so a new process does not re-tune.
+    # work_bucket (the grid's size, bucketed) keeps a batch-1 winner from serving a full batch.
     return triton.autotune(
-        configs=_CONFIGS[(arch, width)], key=["HEAD_DIM", "max_seqlen"], cache_results=True
+        configs=_CONFIGS[(arch, width)],
+        key=["HEAD_DIM", "max_seqlen", "work_bucket"],
+        cache_results=True,
     )(_attention_fwd_kernel)
 
 
@@ -353,10 +367,17 @@ def flash_attention(
     groups = cu_seqlens.numel() - 1 if varlen else qkv.shape[0]
     out_shape = (*qkv.shape[:-1], num_heads * head_dim)
     lse_shape = (num_heads, tokens) if varlen else (groups, num_heads, tokens)
+    if qkv.stride(-2) * _MAX_BLOCK >= 2**31:
+        # Offsets inside one block are int32; only an exotic layout gets this far.
+        qkv = qkv.contiguous()
     if out is None:
         out = torch.empty(out_shape, dtype=qkv.dtype, device=qkv.device)
     elif tuple(out.shape) != out_shape or out.dtype != qkv.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {out_shape} {qkv.dtype} with a contiguous last dim")
+    elif out.stride(-2) * _MAX_BLOCK >= 2**31:
+        raise ValueError(f"out's token stride {out.stride(-2)} is too large; use a denser out")
+    else:
+        check_no_shared_storage(out, (qkv,))
     if lse is None:
         lse = torch.empty(lse_shape, dtype=torch.float32, device=qkv.device)
     elif tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous():
@@ -396,6 +417,7 @@ def flash_attention(
         out.stride(-2),
         tokens,
         *head_scale_strides,
+        min(triton.next_power_of_2(groups * num_heads * triton.cdiv(max_seqlen, 128)), 1 << 14),
     )
     flags = {
         "HEAD_DIM": head_dim,
@@ -443,6 +465,7 @@ def _signature(dtype: str) -> dict[str, str]:
         "stride_lse_head": "i32",
         "stride_head_scale_batch": "i32",
         "stride_head_scale_head": "i32",
+        "work_bucket": "i32",
     }
 
 
@@ -461,11 +484,6 @@ _ALIGNED_ARGS = (
     "stride_out_batch",
     "stride_out_token",
 )
-
-
-def _aligned_attrs() -> dict[tuple[int], list[list]]:
-    arg_names = _attention_fwd_kernel.arg_names
-    return {(arg_names.index(name),): [["tt.divisibility", 16]] for name in _ALIGNED_ARGS}
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
@@ -503,7 +521,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             f"{dtype} d{head_dim} m{block_m} n{block_n} "
                             f"w{config.num_warps} s{config.num_stages}"
                         ),
-                        extra={"attrs": _aligned_attrs()},
+                        extra={"attrs": divisibility_attrs(_attention_fwd_kernel, _ALIGNED_ARGS)},
                     )
                 )
     return specs

@@ -84,7 +84,7 @@ def gelu(
     ``out`` (x's shape and dtype, any row stride) receives the result instead of a fresh
     tensor; it must not overlap ``x`` (the autotuner replays the launch).
     """
-    out = output_tensor(out, x.shape, x.dtype, x.device)
+    out = output_tensor(out, x.shape, x.dtype, x.device, (x,))
     x_rows, out_rows = as_rows(x), output_rows(out)
     n_rows, n_cols = x_rows.shape
     if bias is not None:

@@ -184,7 +184,7 @@ def layer_norm(
     ``out`` (same shape and dtype as the result, any row stride) receives the result instead
     of a fresh tensor; it must not overlap ``x``.
     """
-    normed = output_tensor(out, x.shape, x.dtype, x.device)
+    normed = output_tensor(out, x.shape, x.dtype, x.device, (x,))
     _launch(x, None, None, weight, bias, eps, None, normed)
     return normed
 
@@ -204,8 +204,11 @@ def add_layerscale_layernorm(
     (branch's dtype), in one pass. ``out_residual`` / ``out_normed`` optionally receive them;
     neither may overlap an input (the autotuner replays the launch).
     """
-    new_residual = output_tensor(out_residual, residual.shape, residual.dtype, residual.device)
-    normed = output_tensor(out_normed, residual.shape, branch.dtype, residual.device)
+    inputs = (residual, branch)
+    new_residual = output_tensor(
+        out_residual, residual.shape, residual.dtype, residual.device, inputs
+    )
+    normed = output_tensor(out_normed, residual.shape, branch.dtype, residual.device, inputs)
     _launch(residual, branch, scale, weight, bias, eps, new_residual, normed)
     return new_residual, normed
 

@@ -73,7 +73,7 @@ def swiglu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"packed [gate | up] needs an even last dim, got {x.shape[-1]}")
     shape = (*x.shape[:-1], x.shape[-1] // 2)
-    out = output_tensor(out, shape, x.dtype, x.device)
+    out = output_tensor(out, shape, x.dtype, x.device, (x,))
     x_rows, out_rows = as_rows(x), output_rows(out)
     n_rows, n_cols = out_rows.shape
     if n_rows == 0 or n_cols == 0:
