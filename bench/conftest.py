@@ -70,6 +70,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(timer)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session):
+    """Drop benchmarks that never finished a round (a run stopped by SIGINT mid-case, as the
+    GPU check's time budgets do): pytest-benchmark would fail on their empty statistics and
+    write neither its JSON nor its table."""
+    benchmarks = getattr(getattr(session.config, "_benchmarksession", None), "benchmarks", None)
+    if benchmarks is not None:
+        benchmarks[:] = [bench for bench in benchmarks if bench]
+    yield
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -212,20 +212,78 @@ def measure_peaks(device: torch.device) -> dict[str, float]:
     }
 
 
+class PeakMemory:
+    """What ``peak_memory`` measures: ``allocated_mb`` becomes, when the block ends, the peak
+    of GPU memory allocated inside it above what was allocated when it began (None on a CPU,
+    or where it could not be measured).
+
+    ``steady_state()`` forgets the peak so far, so that one-time costs of a first call
+    (compilation, autotuning, weight packing, graph capture) are not charged; what is still
+    allocated then (weights, packed copies, compiled graphs' buffers) counts on, since it is
+    above the baseline. With ``cuda_graphs`` the idle part of the CUDA graphs' private memory
+    pools (their intermediates, which replays reuse without allocating) is added.
+    """
+
+    def __init__(self, device: torch.device, cuda_graphs: bool = False) -> None:
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self.allocated_mb: float | None = None
+        self._baseline = 0
+        self._graph_pools_before: int | None = 0
+
+    def _start(self) -> None:
+        synchronize(self.device)
+        if self.cuda_graphs:
+            self._graph_pools_before = graph_pool_idle_bytes(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._baseline = torch.cuda.memory_allocated(self.device)
+
+    def steady_state(self) -> None:
+        """Call after the first (warm-up, compiling, autotuning) call."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _stop(self) -> None:
+        synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self._baseline
+        if self.cuda_graphs:
+            after = graph_pool_idle_bytes(self.device)
+            before = self._graph_pools_before
+            if after is None or before is None or after <= before:
+                return  # the graphs' pools could not be read: not measured, not guessed
+            peak += after - before
+        self.allocated_mb = peak / 2**20
+
+
+def graph_pool_idle_bytes(device: torch.device) -> int | None:
+    """Bytes that CUDA graphs' private memory pools hold but no tensor occupies (None when
+    the allocator's snapshot does not say)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        idle = 0
+        for segment in torch.cuda.memory_snapshot():
+            if segment.get("device", index) != index:
+                continue
+            if tuple(segment["segment_pool_id"]) != (0, 0):
+                idle += segment["total_size"] - segment["allocated_size"]
+        return idle
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError):
+        return None
+
+
 @contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """Yield a dict whose ``"allocated_mb"`` becomes, on exit, the peak of GPU memory
-    allocated inside the block above what was allocated when it began (None on a CPU)."""
-    result: dict[str, float | None] = {"allocated_mb": None}
+def peak_memory(device: torch.device, cuda_graphs: bool = False) -> Iterator[PeakMemory]:
+    """Measure the peak GPU memory allocated inside the block (see ``PeakMemory``)."""
+    memory = PeakMemory(device, cuda_graphs)
     if device.type != "cuda":
-        yield result
+        yield memory
         return
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    yield result
-    synchronize(device)
-    result["allocated_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    memory._start()
+    yield memory
+    memory._stop()
 
 
 def skip_with_row(results: ResultsFile, suite: str, row: dict[str, Any], reason: str) -> None:

@@ -57,7 +57,7 @@ def _xformers_attention(
 def _hf_model(
     config: dinov2_fast.Dinov2Config, weights: dict[str, torch.Tensor], attention: str
 ) -> torch.nn.Module:
-    """transformers' model of ``config`` holding ``weights`` (shared, not copied)."""
+    """transformers' model of ``config`` whose parameters are the tensors of ``weights``."""
     import transformers
 
     fields = config.to_dict()
@@ -73,7 +73,7 @@ def _hf_model(
 def _our_model(
     config: dinov2_fast.Dinov2Config, weights: dict[str, torch.Tensor], backend: str
 ) -> dinov2_fast.Dinov2Model:
-    """dinov2_fast's model of ``config`` holding ``weights`` (shared, not copied)."""
+    """dinov2_fast's model of ``config`` whose parameters are the tensors of ``weights``."""
     with torch.device("meta"):
         model = dinov2_fast.Dinov2Model(config)
     model.load_state_dict(weights, assign=True)
@@ -84,7 +84,11 @@ def build(
     provider: str, config: dinov2_fast.Dinov2Config, weights: dict[str, torch.Tensor]
 ) -> Forward:
     """``pixel_values -> last_hidden_state`` for ``provider``; compiling, autotuning and graph
-    capture happen on the first call."""
+    capture happen on the first call.
+
+    The model takes the tensors of ``weights`` as its parameters (no copy): pass a dict that
+    nothing else keeps (``Workbench.weights``), so that what the model frees is freed.
+    """
     if provider in ("dinov2_fast", "dinov2_fast+cudagraph", "dinov2_fast-torch"):
         # "triton" rather than "auto": a path that cannot run raises instead of quietly
         # timing the reference.
@@ -117,19 +121,17 @@ def _exact_fp32() -> Iterator[None]:
 
 class Workbench:
     """The model under test, kept while consecutive cases share it: fp32 weights in our
-    model on the reference path, their low-precision casts, and per setting the input
-    batches and the fp32 reference output of the first."""
+    model on the reference path (each provider gets its own cast copy, ``weights``), and per
+    setting the input batches and the fp32 reference output of the first."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._spec: Any = None
         self._reference: dinov2_fast.Dinov2Model | None = None
-        self._weights: dict[torch.dtype, dict[str, torch.Tensor]] = {}
         self._batches: dict[Setting, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def clear(self) -> None:
         self._spec, self._reference = None, None
-        self._weights.clear()
         self._batches.clear()
         gc.collect()
         if self.device.type == "cuda":
@@ -151,19 +153,20 @@ class Workbench:
             self._spec = setting.spec
         return self._reference
 
+    @torch.no_grad()
     def weights(self, setting: Setting) -> dict[str, torch.Tensor]:
-        """The model's weights in the setting's dtype (one copy per dtype, shared by every
-        provider)."""
-        reference = self._reference_model(setting)
-        if setting.dtype not in self._weights:
-            self._weights[setting.dtype] = {
-                name: tensor.to(setting.dtype) for name, tensor in reference.state_dict().items()
-            }
-        return self._weights[setting.dtype]
+        """A fresh copy of the model's weights in the setting's dtype, for one provider.
 
-    def weights_mb(self, setting: Setting) -> float:
-        weights = self.weights(setting).values()
-        return sum(t.numel() * t.element_size() for t in weights) / 2**20
+        Not shared and not kept here: the provider's model (``build`` assigns these very
+        tensors as its parameters) holds the only references, so storage that it replaces is
+        freed, not counted twice (dinov2_fast packs q/k/v into one tensor on its first fused
+        forward), and the copy is part of the provider's measured memory.
+        """
+        reference = self._reference_model(setting)
+        return {
+            name: tensor.to(setting.dtype, copy=True)
+            for name, tensor in reference.state_dict().items()
+        }
 
     @torch.no_grad()
     def batches(self, setting: Setting) -> tuple[list[torch.Tensor], torch.Tensor]:

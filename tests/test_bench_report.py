@@ -3,16 +3,18 @@
 The numbers here are made up to exercise the code; they are never written to bench/results.
 """
 
+import gc
 import importlib.util
 import json
+import weakref
 
 import pytest
 import torch
 
 import dinov2_fast
 from bench import harness, report
-from bench.cases import MATRICES, MODEL_PROVIDERS, kernel_cases, model_cases
-from bench.models import model_flops
+from bench.cases import MATRICES, MODEL_PROVIDERS, TINY, Setting, kernel_cases, model_cases
+from bench.models import Workbench, build, model_flops
 
 SYNTHETIC_ENV = {
     "gpu": "Synthetic GPU (unit test)",
@@ -143,3 +145,37 @@ def test_case_matrices_have_unique_ids_and_known_providers():
         assert len({c.id for c in models}) == len(models)
         assert len({c.id for c in kernels}) == len(kernels)
         assert {c.provider for c in models} <= set(MODEL_PROVIDERS)
+
+
+@pytest.mark.interpreter
+@torch.no_grad()
+def test_provider_weights_are_its_own_so_packing_frees_the_originals():
+    """peak_mem_mb must not count q/k/v twice: after dinov2_fast packs them on its first
+    fused forward, nothing of the bench keeps the original storages alive."""
+    setting = Setting(TINY, 56, 56, 1, torch.bfloat16)
+    bench = Workbench(torch.device("cpu"))
+    weights = bench.weights(setting)
+    again = bench.weights(setting)
+    query = "encoder.layer.0.attention.attention.query.weight"
+    assert weights[query].data_ptr() != again[query].data_ptr()  # a copy per provider
+    assert weights[query].dtype == torch.bfloat16
+    del again
+    originals = [
+        weakref.ref(weights[f"encoder.layer.0.attention.attention.{name}.weight"])
+        for name in ("query", "key", "value")
+    ]
+    forward = build("dinov2_fast", setting.spec.config(), weights)
+    del weights
+    inputs, _ = bench.batches(setting)
+    forward(inputs[0])
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+    bench.clear()
+
+
+def test_peak_memory_is_none_without_a_gpu():
+    with harness.peak_memory(torch.device("cpu"), cuda_graphs=True) as memory:
+        memory.steady_state()
+    assert memory.allocated_mb is None
+    idle = harness.graph_pool_idle_bytes(torch.device("cpu"))
+    assert idle is None or isinstance(idle, int)
