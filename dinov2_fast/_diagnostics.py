@@ -17,6 +17,7 @@ from . import __version__
 from ._resolve import (
     UserError,
     check_backend,
+    check_image_size,
     dtype_name,
     load_model,
     resolve_device,
@@ -130,12 +131,18 @@ def verify(
         raise UserError(
             f"unset {BACKEND_ENV_VAR}: it forces one backend on both sides of the check"
         )
+    plant = os.environ.get(PLANT_ENV)
+    try:
+        scale = float(plant) if plant else 0.0
+    except ValueError:
+        raise UserError(f"{PLANT_ENV} must be a number (a test hook), got {plant!r}") from None
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     check_backend(backend, torch_device)
     reference = load_model(
         model, dtype=torch.float32, device=torch_device, backend="torch", allow_random_size=True
     )
+    check_image_size(image_size, reference.config.patch_size, "--image-size")
     fast = copy.deepcopy(reference).to(dtype=torch_dtype)
     pixels = torch.randn(
         batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
@@ -148,9 +155,8 @@ def verify(
         torch_errors = dict.fromkeys(truth, 0.0)
     else:
         torch_errors = _errors(fast.set_backend("torch"), low, truth)
-    plant = os.environ.get(PLANT_ENV)
-    if plant:
-        _plant_mismatch(fast, float(plant))
+    if scale:
+        _plant_mismatch(fast, scale)
     with count_launches() as launches:
         fast_errors = _errors(fast.set_backend(backend), low, truth)
 
@@ -232,6 +238,7 @@ def bench(
     ours = load_model(
         model, dtype=torch_dtype, device=torch_device, backend=backend, allow_random_size=True
     )
+    check_image_size(image_size, ours.config.patch_size, "--image-size")
     candidates = [(f"dinov2_fast --backend {backend}", ours)]
     twin = _transformers_twin(ours, torch_dtype, torch_device)
     if twin is not None:

@@ -23,6 +23,11 @@ class UserError(Exception):
     """A problem with the user's arguments or files, reported as one line without a traceback."""
 
 
+class SharedError(UserError):
+    """A UserError that every torchrun rank raises together (rank 0's, handed to all): the
+    CLI reports it once, from rank 0. Any other error is reported by the rank that met it."""
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` is CUDA when present; each torchrun process takes the GPU of its local rank."""
     if name == "auto":
@@ -49,6 +54,15 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise UserError(
             f"--backend triton cannot run on {device}: it needs CUDA and triton, or "
             "TRITON_INTERPRET=1 for the slow CPU interpreter (see `dinov2-fast info`)"
+        )
+
+
+def check_image_size(size: int, patch_size: int, option: str) -> None:
+    """Refuse an input size that holds no patch, naming the option and its minimum."""
+    if size < patch_size:
+        raise UserError(
+            f"{option} {size} is smaller than the model's {patch_size}px patch: "
+            f"use {patch_size} or more (224 by default)"
         )
 
 
@@ -100,7 +114,9 @@ def load_model(
         loader, source = Dinov2Model.from_pretrained, path
     elif path.is_file():
         if path.suffix not in _ORIGINAL_SUFFIXES:
-            raise UserError(f"{spec} is neither a model folder nor an original .pth checkpoint")
+            raise UserError(
+                f"{spec} is neither a model folder nor an original .pth or .pt checkpoint"
+            )
         loader, source = Dinov2Model.from_original, path
     elif spec in SIZES:
         if not allow_random_size:
@@ -114,10 +130,22 @@ def load_model(
     else:
         sizes = f", or one of {', '.join(SIZES)}" if allow_random_size else ""
         raise UserError(
-            f"model not found: {spec} (expected a local model folder, an original .pth file, "
+            f"model not found: {spec} (expected a local model folder, an original .pth or .pt "
+            "file, "
             f"a hub id such as facebook/dinov2-small{sizes})"
         )
     try:
         return loader(source, dtype=dtype, device=device, backend=backend).eval()
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
-        raise UserError(f"cannot load model {spec}: {first_line(err)}") from err
+        raise UserError(f"cannot load model {spec}: {_load_failure(err)}") from err
+
+
+def _load_failure(err: BaseException) -> str:
+    # torch.load's refusal of a file that is not a checkpoint is a paragraph of advice to
+    # drop weights_only, which is not what a user with a damaged or wrong file needs.
+    text = "\n".join(str(e) for e in (err, err.__cause__) if e is not None)
+    if "Weights only load failed" not in text:
+        return first_line(err)
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    why = f" ({detail.group(1).strip()})" if detail else ""
+    return f"not a PyTorch checkpoint of weights{why}"

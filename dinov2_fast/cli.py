@@ -14,7 +14,7 @@ from typing import NoReturn
 import numpy as np
 
 from ._diagnostics import bench, info, verify
-from ._resolve import DTYPES, POOLS, SIZES, UserError, first_line
+from ._resolve import DTYPES, POOLS, SIZES, SharedError, UserError, first_line
 from .ops import BACKENDS
 
 __all__ = ["main"]
@@ -34,7 +34,7 @@ def _whole_number(text: str, minimum: int) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < minimum:
-        raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
     return value
 
 
@@ -94,7 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=224,
         metavar="S",
-        help="center-crop size; the shortest edge is resized to round(S*256/224)",
+        help="center-crop size, at least the model's patch (14); the shortest edge is resized "
+        "to round(S*256/224)",
     )
     embed.add_argument("--batch-size", type=_positive_int, default=64)
     embed.add_argument(
@@ -103,10 +104,17 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="image-decoding processes (default: 1 on CPU; on GPU the cores less one, up to 16)",
     )
-    embed.add_argument(
+    existing = embed.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume",
         action="store_true",
-        help="keep rows an earlier run of the same settings already wrote",
+        help="keep the rows an earlier run of the same settings wrote to --out (finished or "
+        "interrupted) and embed only the rest",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out, its manifest and any unfinished run of it",
     )
     _add_runtime_options(embed)
     embed.set_defaults(run=_run_embed)
@@ -121,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--image-size", type=_positive_int, default=224)
     verify.add_argument("--batch-size", type=_positive_int, default=2)
     _add_runtime_options(verify)
-    verify.set_defaults(run=_run_verify)
+    verify.set_defaults(run=_run_diagnostic)
 
     bench = commands.add_parser(
         "bench",
@@ -131,6 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="small", help=_MODEL_HELP)
     bench.add_argument(
         "--batch",
+        dest="batches",
         type=_positive_int,
         nargs="+",
         default=None,
@@ -145,7 +154,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="timed runs per row (default: 3 on CPU, 20 on GPU)",
     )
     _add_runtime_options(bench)
-    bench.set_defaults(run=_run_bench)
+    bench.set_defaults(run=_run_diagnostic)
 
     info = commands.add_parser("info", help="versions, device and usable backends")
     info.set_defaults(run=_run_info)
@@ -168,13 +177,15 @@ def _run_embed(args: argparse.Namespace) -> int:
         workers=args.workers,
         backend=args.backend,
         resume=args.resume,
+        overwrite=args.overwrite,
     )
-    if not _is_rank0():
+    if _rank() != 0:
         return 0 if result.rows else 1
     if not result.rows:
         print(
-            f"{_PROG}: error: no input could be read ({result.skipped} skipped, reasons in "
-            f"{result.manifest})",
+            f"{_PROG}: error: no input could be read ({result.skipped} skipped, named above); "
+            f"nothing written to {result.features}, the run is kept in {result.partial} "
+            "(--resume tries the files again)",
             file=sys.stderr,
         )
         return 1
@@ -187,35 +198,23 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_verify(args: argparse.Namespace) -> int:
-    return verify(
-        args.model,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        backend=args.backend,
-    )
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    return bench(
-        args.model,
-        batches=args.batch,
-        image_size=args.image_size,
-        iters=args.iters,
-        dtype=args.dtype,
-        device=args.device,
-        backend=args.backend,
-    )
+def _run_diagnostic(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "model")}
+    return {"verify": verify, "bench": bench}[args.command](args.model, **options)
 
 
 def _run_info(args: argparse.Namespace) -> int:
     return info()
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _error(message: str) -> None:
+    # Under torchrun, say which process met an error only one of them had.
+    where = f"rank {_rank()}: " if _rank() else ""
+    print(f"{_PROG}: error: {where}{message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,17 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (UserError, OSError) as err:
-        # Under torchrun every rank meets the same error; one report is enough.
-        if _is_rank0():
-            print(f"{_PROG}: error: {first_line(err)}", file=sys.stderr)
+        # An error every rank shares (SharedError) is reported once, by rank 0.
+        if not isinstance(err, SharedError) or _rank() == 0:
+            _error(first_line(err))
         return 2
     except ImportError as err:
         # Pillow and tqdm come with the cli extra, transformers with its own.
-        print(
-            f"{_PROG}: error: {err} (pip install 'dinov2-fast[cli,transformers]')", file=sys.stderr
-        )
+        _error(f"{err} (pip install 'dinov2-fast[cli,transformers]')")
         return 2
     except KeyboardInterrupt:
-        hint = "; rerun with --resume to continue" if args.command == "embed" else ""
-        print(f"{_PROG}: interrupted{hint}", file=sys.stderr)
+        if _rank() == 0:
+            hint = ""
+            if args.command == "embed":
+                hint = "; rerun the same command with --resume to continue"
+            print(f"{_PROG}: interrupted{hint}", file=sys.stderr)
         return 130

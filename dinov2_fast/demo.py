@@ -8,6 +8,7 @@ sample images (drawn at first run) with a random-weight dinov2-small saved by tr
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     features = folder / "features.npy"
+    # A rerun of the demo starts afresh (embed refuses to replace features without --overwrite).
+    for earlier in (features, features.with_suffix(".manifest.json")):
+        earlier.unlink(missing_ok=True)
+    shutil.rmtree(features.with_suffix(".partial"), ignore_errors=True)
     for command in (
         ["info"],
         ["verify", "--model", "small", "--batch-size", "1"],

@@ -1,29 +1,37 @@
 """Embed image files into one features ``.npy`` plus a manifest: streamed, resumable, sharded.
 
 Row order: the inputs in command-line order; a folder contributes its images (recursively,
-hidden files and folders left out) sorted by path, a glob its image matches sorted by path;
-a path met twice keeps its first place. Files that cannot be read get no row; the manifest
-lists them with the reason.
+hidden files and folders left out) sorted by path, a glob its image matches sorted by path.
+Folders and ``**`` follow links to folders, each real folder once (a link loop ends there);
+a file met twice, by the same path or through links, keeps its first place and path. Files
+that cannot be read get no row; the manifest lists them with the reason.
 
 While a run is going, its work lives in ``FEATURES.partial/`` beside the output: one row of
 features per input (``features.npy``), one status byte per input (``status.npy``), the run's
 settings and inputs (``run.json``) and the skipped files' reasons (``skipped-RANK.jsonl``).
 A batch's features are stored before its status bytes, through shared memory maps whose
 writes outlive a killed process, so an interrupted run leaves only finished rows marked done
-and ``--resume`` continues from them (after a machine crash, start over). Under torchrun every rank
-writes its own rows of those files (so all ranks must share the output's filesystem), and
-rank 0 compacts them into the output at the end.
+and ``--resume`` continues from them (after a machine crash, start over with ``--overwrite``).
+Under torchrun every rank writes its own rows of those files (so all ranks run on one
+machine), and rank 0 compacts them into the output at the end.
+
+The finish commits by writing ``finished.json`` (the manifest, and which file holds the
+features) into the partial folder; moving the features to ``--out`` and writing the
+manifest follow, and the next run on that ``--out`` completes them if they were cut short.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +45,9 @@ from tqdm import tqdm
 
 from ._resolve import (
     POOLS,
+    SharedError,
     UserError,
+    check_image_size,
     dtype_name,
     first_line,
     load_model,
@@ -47,7 +57,7 @@ from ._resolve import (
 )
 from .preprocess import load_image, preprocess, resize_size_for
 
-__all__ = ["POOLS", "EmbedResult", "collect_inputs", "embed_images", "manifest_path"]
+__all__ = ["collect_inputs", "embed_images"]
 
 _PENDING, _DONE, _SKIPPED = 0, 1, 2
 _COPY_CHUNK_BYTES = 64 << 20
@@ -58,19 +68,21 @@ _RANK_TIMEOUT = timedelta(hours=6)
 _IMAGE_SUFFIXES = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
 )
+_COMMON_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class EmbedResult:
-    """Where the features and manifest went; rows written, inputs skipped, rows resumed."""
+    """Where the features and manifest went, rows written, inputs skipped. With no row
+    written, neither file was touched and the run stays in ``partial`` for ``--resume``."""
 
     features: Path
     manifest: Path
+    partial: Path
     rows: int
     skipped: int
-    reused: int
 
 
 def manifest_path(features: str | os.PathLike) -> Path:
@@ -89,44 +101,103 @@ def _is_image_name(path: str) -> bool:
     return Path(path).suffix.lower() in _IMAGE_SUFFIXES
 
 
+def _accepted() -> str:
+    common = [ext for ext in _COMMON_SUFFIXES if ext in _IMAGE_SUFFIXES]
+    more = len(_IMAGE_SUFFIXES) - len(common)
+    return f"looked for {', '.join(common)} and {more} more extensions Pillow reads"
+
+
+def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
+    """Each folder under ``root`` with its file names, sorted, hidden names left out.
+
+    Links to folders are followed, but every real folder is entered once, so a link loop
+    or a second link to the same folder adds nothing.
+    """
+    entered = {os.path.realpath(root)}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if not name.startswith(".") and real not in entered:
+                entered.add(real)
+                kept.append(name)
+        dirs[:] = kept
+        yield folder, sorted(f for f in files if not f.startswith("."))
+
+
 def _images_under(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [
-            os.path.join(root, f) for f in files if not f.startswith(".") and _is_image_name(f)
+    return sorted(
+        os.path.normpath(os.path.join(root, name))
+        for root, names in _walk(folder)
+        for name in names
+        if _is_image_name(name)
+    )
+
+
+def _matches(pattern: list[str], names: list[str]) -> bool:
+    """Path components against glob components; ``**`` spans any number of folders."""
+    if not pattern:
+        return not names
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_matches(rest, names[i:]) for i in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], head) and _matches(rest, names[1:])
+
+
+def _recursive_glob(pattern: str) -> list[str]:
+    """A ``**`` glob, walked by the folders' rule (``_walk``) instead of glob's, which loops."""
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    wanted = parts[fixed:]
+    matched: dict[str, bool] = {}
+    images = []
+    for folder, names in _walk(root):
+        rel = os.path.relpath(folder, root)
+        comps = [] if rel == os.curdir else rel.split(os.sep)
+        # A folder the glob matches brings every image under it, as for a folder input.
+        inside = matched.get(os.path.dirname(folder), False) or _matches(wanted, comps)
+        matched[folder] = inside
+        images += [
+            os.path.normpath(os.path.join(folder, name))
+            for name in names
+            if _is_image_name(name) and (inside or _matches(wanted, [*comps, name]))
         ]
-    return sorted(os.path.normpath(p) for p in found)
+    return sorted(images)
 
 
 def _expand(pattern: str) -> list[str]:
     if os.path.isdir(pattern):
         images = _images_under(pattern)
         if not images:
-            raise UserError(f"no images in folder {pattern}")
+            raise UserError(f"no images in folder {pattern} ({_accepted()})")
         return images
     if os.path.exists(pattern):
         return [os.path.normpath(pattern)]
-    if not any(c in pattern for c in "*?["):
+    if not glob.has_magic(pattern):
         raise UserError(f"no such file or folder: {pattern}")
-    images = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
-        if os.path.isdir(match):
-            images += _images_under(match)
-        elif _is_image_name(match):
-            images.append(os.path.normpath(match))
+    if "**" in pattern:
+        images = _recursive_glob(pattern)
+    else:
+        images = []
+        for match in sorted(glob.glob(pattern)):
+            if os.path.isdir(match):
+                images += _images_under(match)
+            elif _is_image_name(match):
+                images.append(os.path.normpath(match))
     if not images:
-        raise UserError(f"no images match {pattern}")
+        raise UserError(f"no images match {pattern} ({_accepted()})")
     return images
 
 
 def collect_inputs(patterns: Sequence[str]) -> list[str]:
     """Files, folders (recursive) and globs to image paths, in row order (module docstring)."""
-    ordered: dict[str, None] = {}
+    # A file is known by its real path and listed under the first path that reached it.
+    chosen: dict[str, str] = {}
     for pattern in patterns:
-        # Keys already present keep their first place.
-        ordered.update(dict.fromkeys(_expand(pattern)))
-    return list(ordered)
+        for path in _expand(pattern):
+            chosen.setdefault(os.path.realpath(path), path)
+    return list(chosen.values())
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -145,6 +216,14 @@ class _Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if machines != 1:
+            # Memory maps of one file written from several machines lose rows: network
+            # filesystems write whole pages back, over the neighbours' rows.
+            raise SharedError(
+                f"embed under torchrun runs on one machine; this launch spans {machines} "
+                "(use --nnodes 1, or one run per machine with its own --out)"
+            )
         # Only small objects and barriers cross processes (features go through the shared
         # files), so gloo serves GPU runs too.
         if not dist.is_initialized():
@@ -165,7 +244,7 @@ class _Ranks:
             payload = box[0]
         ok, value = payload
         if not ok:
-            raise UserError(value)
+            raise SharedError(value)
         return value
 
     def barrier(self) -> None:
@@ -247,7 +326,105 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(staging, path)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _check_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(
+            f"not enough disk space in {folder} for {what}: {_size(needed)} needed, "
+            f"{_size(free)} free"
+        )
+
+
+def _create_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A new ``.npy`` memory map whose disk blocks are allocated now.
+
+    A memory map over a sparse file takes its blocks as pages are written, and a full disk
+    then kills the process with SIGBUS; allocating up front makes it an error here instead.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                # path is in the partial folder (or its staging one), beside --out.
+                raise UserError(
+                    f"not enough disk space in {path.parent.parent} for {what}: "
+                    f"{_size(os.fstat(fd).st_size)} needed"
+                ) from None
+            # Filesystems without allocation support keep the disk-usage check only.
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    return array
+
+
 # -- run state ------------------------------------------------------------------------------
+
+_FINISHED = "finished.json"
+
+
+def _partial_state(partial: Path) -> str | None:
+    """``finished`` (committed, being moved into place), ``unfinished``, ``broken`` or None."""
+    if (partial / _FINISHED).is_file():
+        return "finished"
+    if all((partial / name).is_file() for name in ("run.json", "features.npy", "status.npy")):
+        return "unfinished"
+    return "broken" if partial.exists() else None
+
+
+def _complete_finish(out: Path) -> bool:
+    """Move a committed run's features and manifest into place (idempotent); True if one was."""
+    partial = _partial_dir(out)
+    if _partial_state(partial) != "finished":
+        return False
+    finished = json.loads((partial / _FINISHED).read_text())
+    ready = partial / finished["features_file"]
+    if ready.exists():
+        os.replace(ready, out)
+    _write_json(manifest_path(out), finished["manifest"])
+    shutil.rmtree(partial)
+    return True
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before the model loads (rank 0): --out can be written, and nothing is lost silently."""
+    if _complete_finish(out):
+        print(f"completed the interrupted finish of {out}", file=sys.stderr)
+    try:
+        if out.is_dir():
+            raise OSError(errno.EISDIR, "it is a folder")
+        for folder in (out.parent, *out.parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise OSError(errno.ENOTDIR, f"{folder} is not a folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        reason = err.strerror or first_line(err)
+        if err.filename:
+            reason += f": {err.filename}"
+        raise UserError(f"cannot write --out {out}: {reason}") from None
+    if resume or overwrite:
+        return
+    partial = _partial_dir(out)
+    if _partial_state(partial) == "unfinished":
+        raise UserError(
+            f"an unfinished run is in {partial}: rerun with --resume to continue it, "
+            "or --overwrite to start over"
+        )
+    for existing in (out, manifest_path(out)):
+        if existing.exists():
+            raise UserError(
+                f"{existing} already exists: add --resume to keep its rows and embed only new "
+                "inputs, or --overwrite to replace it"
+            )
 
 
 @dataclass(frozen=True)
@@ -265,13 +442,13 @@ def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None
         if old.get(key) != value:
             raise UserError(
                 f"cannot --resume {out}: it was written with {key}={old.get(key)!r}, this run "
-                f"has {value!r} (rerun without --resume, or write to another --out)"
+                f"has {value!r} (rerun with --overwrite, or write to another --out)"
             )
 
 
 def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
     partial = _partial_dir(out)
-    if (partial / "run.json").is_file():
+    if _partial_state(partial) == "unfinished":
         run = json.loads((partial / "run.json").read_text())
         _check_settings(out, run["settings"], settings)
         status = np.load(partial / "status.npy", mmap_mode="r")
@@ -292,15 +469,16 @@ def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
 def _start_partial(
     folder: Path, inputs: list[str], settings: dict[str, Any], previous: _Previous | None
 ) -> None:
+    shape = (len(inputs), *settings["feature_shape"])
+    row_bytes = np.dtype(settings["features_dtype"]).itemsize * int(np.prod(shape[1:]))
+    # The rows plus one status byte each; a run that skips files later needs room for a
+    # compacted copy too, checked when it finishes.
+    what = f"{len(inputs)} rows of features"
+    _check_space(folder.parent, len(inputs) * (row_bytes + 1), what)
     folder.mkdir(parents=True)
     _write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
-    shape = (len(inputs), *settings["feature_shape"])
-    features = np.lib.format.open_memmap(
-        folder / "features.npy", mode="w+", dtype=settings["features_dtype"], shape=shape
-    )
-    status = np.lib.format.open_memmap(
-        folder / "status.npy", mode="w+", dtype=np.uint8, shape=(len(inputs),)
-    )
+    features = _create_array(folder / "features.npy", settings["features_dtype"], shape, what)
+    status = _create_array(folder / "status.npy", np.uint8, (len(inputs),), what)
     if previous is not None:
         old_row = {p: r for r, p in enumerate(previous.inputs) if previous.done[r]}
         new_rows = np.array([r for r, p in enumerate(inputs) if p in old_row], dtype=np.int64)
@@ -311,12 +489,9 @@ def _start_partial(
     status.flush()
 
 
-def _prepare(
-    out: Path, inputs: list[str], settings: dict[str, Any], resume: bool
-) -> tuple[np.ndarray, int]:
-    """Set up the partial run (rank 0); returns the rows still to embed and the rows reused."""
+def _prepare(out: Path, inputs: list[str], settings: dict[str, Any], resume: bool) -> np.ndarray:
+    """Set up the partial run (rank 0); returns the rows still to embed."""
     partial = _partial_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = _previous_run(out, settings) if resume else None
     if previous is not None and previous.unfinished and previous.inputs == inputs:
         # Same inputs as the interrupted run: continue in place, retrying skipped files.
@@ -326,22 +501,24 @@ def _prepare(
         for log in partial.glob("skipped-*.jsonl"):
             log.unlink()
     else:
-        if not resume and partial.exists():
-            print(
-                f"discarding the unfinished run in {partial} (--resume continues it)",
-                file=sys.stderr,
-            )
+        if _partial_state(partial) == "unfinished" and not resume:
+            print(f"discarding the unfinished run in {partial} (--overwrite)", file=sys.stderr)
         staging = partial.with_name(partial.name + ".new")
         shutil.rmtree(staging, ignore_errors=True)
-        _start_partial(staging, inputs, settings, previous)
+        try:
+            _start_partial(staging, inputs, settings, previous)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        del previous  # its memory maps read files about to be replaced
         shutil.rmtree(partial, ignore_errors=True)
         staging.rename(partial)
         status = np.load(partial / "status.npy", mmap_mode="r")
     pending = np.flatnonzero(status == _PENDING)
-    reused = len(inputs) - len(pending)
     if resume:
-        print(f"resuming: {reused} of {len(inputs)} rows already written", file=sys.stderr)
-    return pending, reused
+        done = len(inputs) - len(pending)
+        print(f"resuming: {done} of {len(inputs)} rows already written", file=sys.stderr)
+    return pending
 
 
 def _embed_rows(
@@ -390,34 +567,38 @@ def _embed_rows(
 
 
 def _finish(out: Path) -> EmbedResult:
-    """Compact the partial run into the output and write the manifest (rank 0)."""
+    """Compact the partial run into the output and write the manifest (rank 0).
+
+    Crash-safe: writing ``finished.json`` commits; what follows, ``_complete_finish`` redoes.
+    """
     partial = _partial_dir(out)
     run = json.loads((partial / "run.json").read_text())
     inputs, settings = run["inputs"], run["settings"]
     status = np.load(partial / "status.npy")
     if (status == _PENDING).any():
         raise UserError(f"{np.count_nonzero(status == _PENDING)} rows were never written")
+    written = np.flatnonzero(status == _DONE)
+    skipped_rows = np.flatnonzero(status == _SKIPPED)
+    result = EmbedResult(out, manifest_path(out), partial, len(written), len(skipped_rows))
+    if not len(written):
+        # Nothing to show for the run: an earlier --out and its manifest stay as they were.
+        return result
     reasons = {}
     for log in sorted(partial.glob("skipped-*.jsonl")):
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             reasons[entry["row"]] = entry["reason"]
-    written = np.flatnonzero(status == _DONE)
-    if len(written) == len(inputs):
-        os.replace(partial / "features.npy", out)
-    else:
+    ready = "features.npy"
+    if len(written) < len(inputs):
+        ready = "compact.npy"
         features = np.load(partial / "features.npy", mmap_mode="r")
-        compact = np.lib.format.open_memmap(
-            partial / "compact.npy",
-            mode="w+",
-            dtype=features.dtype,
-            shape=(len(written), *features.shape[1:]),
-        )
+        shape = (len(written), *features.shape[1:])
+        what = f"the {len(written)} rows read (free some, then rerun with --resume)"
+        _check_space(partial.parent, features[:1].nbytes * len(written), what)
+        compact = _create_array(partial / ready, features.dtype, shape, what)
         _copy_rows(features, written, compact, np.arange(len(written)))
         compact.flush()
         del compact, features
-        os.replace(partial / "compact.npy", out)
-    skipped_rows = np.flatnonzero(status == _SKIPPED)
     manifest = {
         "features": out.name,
         "shape": [len(written), *settings["feature_shape"]],
@@ -425,9 +606,9 @@ def _finish(out: Path) -> EmbedResult:
         "inputs": [inputs[r] for r in written],
         "skipped": [{"path": inputs[r], "reason": reasons.get(int(r), "?")} for r in skipped_rows],
     }
-    _write_json(manifest_path(out), manifest)
-    shutil.rmtree(partial)
-    return EmbedResult(out, manifest_path(out), len(written), len(skipped_rows), 0)
+    _write_json(partial / _FINISHED, {"features_file": ready, "manifest": manifest})
+    _complete_finish(out)
+    return result
 
 
 def _default_workers(device: torch.device) -> int:
@@ -452,20 +633,30 @@ def embed_images(
     workers: int | None = None,
     backend: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     show_progress: bool = True,
 ) -> EmbedResult:
     """Embed images to ``out`` (``.npy``) and its manifest; see the module docstring.
 
-    Under torchrun every rank calls this with the same arguments and gets the same result.
+    An existing ``out`` (or its manifest, or an unfinished run) is an error unless ``resume``
+    keeps its rows or ``overwrite`` replaces it. Under torchrun every rank calls this with
+    the same arguments and gets the same result.
     """
     out = Path(out)
-    if out.suffix != ".npy":
+    if out.suffix.lower() != ".npy":
         raise UserError(f"--out must name a .npy file, got {out}")
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
+    if resume and overwrite:
+        raise UserError("--resume keeps the earlier rows and --overwrite drops them: pick one")
     ranks = _Ranks.from_env()
     try:
-        inputs = ranks.on_rank0(lambda: collect_inputs(patterns))
+
+        def check() -> list[str]:
+            _check_out(out, resume=resume, overwrite=overwrite)
+            return collect_inputs(patterns)
+
+        inputs = ranks.on_rank0(check)
         torch_device = resolve_device(device, ranks.local_rank)
         if torch_device.type == "cuda":
             # Pinned host memory and stray allocations follow the current device, not cuda:0.
@@ -473,8 +664,7 @@ def embed_images(
         torch_dtype = resolve_dtype(dtype, torch_device)
         net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
         config = net.config
-        if crop_size < config.patch_size:
-            raise UserError(f"--size {crop_size} is smaller than one {config.patch_size}px patch")
+        check_image_size(crop_size, config.patch_size, "--size")
         settings = {
             "model": model_identity(model),
             "pool": pool,
@@ -485,7 +675,7 @@ def embed_images(
             "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
             "feature_shape": _feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
         }
-        pending, reused = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
+        pending = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
         _embed_rows(
             net,
             _partial_dir(out),
@@ -499,7 +689,6 @@ def embed_images(
             rank=ranks.rank,
         )
         ranks.barrier()
-        result = ranks.on_rank0(lambda: _finish(out))
+        return ranks.on_rank0(lambda: _finish(out))
     finally:
         ranks.close()
-    return replace(result, reused=reused)

@@ -2,7 +2,9 @@
 
 Matches transformers' ``BitImageProcessor`` (PIL backend) as configured by the
 ``facebook/dinov2-*`` checkpoints: RGB conversion, shortest edge resized with PIL bicubic,
-center crop, rescale by 1/255, ImageNet mean/std. No EXIF rotation is applied, as there.
+center crop, rescale by 1/255, ImageNet mean/std. Files are opened as transformers'
+``load_image`` (and so its image-feature-extraction pipeline) opens them: EXIF orientation
+applied.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess", "resize_size_for"]
+__all__ = ["load_image", "preprocess", "resize_size_for"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,10 +31,12 @@ def resize_size_for(crop_size: int) -> int:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; raises on unreadable or truncated files."""
+    """Open and fully decode an image, turned upright by its EXIF orientation as transformers'
+    ``load_image`` turns it; raises on unreadable or truncated files. ``preprocess`` converts
+    it to RGB."""
     with Image.open(path) as image:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return ImageOps.exif_transpose(image)
 
 
 def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -43,7 +47,11 @@ def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, in
 
 
 def preprocess(image: Image.Image, crop_size: int = 224) -> np.ndarray:
-    """An RGB PIL image to normalized ``(3, crop_size, crop_size)`` float32 pixels."""
+    """A PIL image to normalized ``(3, crop_size, crop_size)`` float32 pixels.
+
+    The one RGB conversion of the pipeline happens here: alpha dropped, grey replicated,
+    16-bit values clipped to 255, as transformers converts them.
+    """
     if image.mode != "RGB":
         image = image.convert("RGB")
     height, width = _resized_shape(image.height, image.width, resize_size_for(crop_size))

@@ -6,11 +6,13 @@ with transformers' own save_pretrained. Runs use ``--device cpu`` so the numbers
 on every machine; ``verify`` takes the Triton path through the interpreter. Two hooks reach
 inside the CLI: ``DINOV2_FAST_VERIFY_PLANT`` (verify perturbs the fast path's weights: a
 planted mismatch) and a FIFO among the inputs, which blocks the reader so a run can be
-killed mid-way.
+killed mid-way. Errors raised before any model runs, and the disk and crash cases that need
+a patched ``os``, are checked in this process, where they cost no interpreter start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -108,18 +110,23 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _expected(
-    workspace: Path, paths: list[str], pool: str = "cls", crop: int = 224, model: str = "model"
-) -> np.ndarray:
-    processor = transformers.BitImageProcessorPil(
+def _processor(crop: int = 224):
+    """transformers' image processor as the facebook/dinov2-* checkpoints configure it."""
+    return transformers.BitImageProcessorPil(
         size={"shortest_edge": round(crop * 256 / 224)},
         crop_size={"height": crop, "width": crop},
         resample=3,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
     )
+
+
+def _expected(
+    workspace: Path, paths: list[str], pool: str = "cls", crop: int = 224, model: str = "model"
+) -> np.ndarray:
     net = transformers.AutoModel.from_pretrained(workspace / model).eval()
-    pixels = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    images = [Image.open(p) for p in paths]
+    pixels = _processor(crop)(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         output = net(pixel_values=pixels)
     patches = output.last_hidden_state[:, 1 + getattr(net.config, "num_register_tokens", 0) :]
@@ -142,21 +149,40 @@ def _manifest(features: Path) -> dict:
 
 
 def _embed_args(
-    workspace: Path, out: Path, *inputs: object, extra: tuple = (), model: str = "model"
+    workspace: Path,
+    out: Path,
+    *inputs: object,
+    extra: tuple = (),
+    model: str = "model",
+    workers: int | None = 0,
 ) -> list[object]:
-    model_dir = workspace / model
-    options = ["--model", model_dir, "--out", out, "--device", "cpu", "--workers", "0", *extra]
+    options = ["--model", workspace / model, "--out", out, "--device", "cpu", *extra]
+    # No decoding process by default (faster on a small machine); None: the CLI's default.
+    options += [] if workers is None else ["--workers", workers]
     return ["embed", *inputs, *options]
 
 
-def _embed(workspace: Path, out: Path, *inputs: object, extra: tuple = (), model: str = "model"):
-    return _cli(*_embed_args(workspace, out, *inputs, extra=extra, model=model))
+def _embed(workspace: Path, out: Path, *inputs: object, **options):
+    return _cli(*_embed_args(workspace, out, *inputs, **options))
+
+
+def _main(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """The CLI in this process: its exit status and stderr."""
+    from dinov2_fast.cli import main
+
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def single_run(workspace: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    # The default --workers (1 on the CPU): images decoded in a DataLoader worker process.
     out = workspace / "single" / "features.npy"
-    return out, _embed(workspace, out, workspace / "images", extra=("--batch-size", "3"))
+    extra = ("--batch-size", "3")
+    return out, _embed(workspace, out, workspace / "images", extra=extra, workers=None)
 
 
 def test_embed_folder_matches_transformers_and_skips_unreadable_files(workspace, single_run):
@@ -184,7 +210,7 @@ def test_embed_folder_matches_transformers_and_skips_unreadable_files(workspace,
 )
 def test_pools_sizes_and_registers_match_transformers(workspace, tmp_path, pool, crop, model):
     paths = [workspace / "images" / name for name in ("b_grey.png", "nested/c_rgba.png")]
-    out = tmp_path / "features.npy"
+    out = tmp_path / ("features.NPY" if pool == "patch" else "features.npy")
     run = _embed(workspace, out, *paths, extra=("--pool", pool, "--size", str(crop)), model=model)
     assert run.returncode == 0, run.stderr
     expected = _expected(workspace, [str(p) for p in paths], pool, crop, model)
@@ -192,12 +218,22 @@ def test_pools_sizes_and_registers_match_transformers(workspace, tmp_path, pool,
     assert _manifest(out)["feature_shape"] == list(expected.shape[1:])
 
 
-def test_nothing_readable_exits_non_zero(workspace, tmp_path):
+def test_nothing_readable_exits_non_zero_and_keeps_the_earlier_output(
+    workspace, single_run, tmp_path, capsys
+):
+    out = tmp_path / "features.npy"
+    for name in (out.name, "features.manifest.json"):
+        shutil.copy(single_run[0].parent / name, tmp_path / name)
+    earlier = {path: path.read_bytes() for path in tmp_path.iterdir()}
     corrupt = workspace / "images" / "zz_corrupt.jpg"
-    run = _embed(workspace, tmp_path / "features.npy", corrupt)
+    run = _embed(workspace, out, corrupt, extra=("--overwrite",))
     assert run.returncode == 1
     assert f"skipped {corrupt}" in run.stderr
-    assert "no input could be read" in run.stderr
+    assert "no input could be read" in run.stderr and "nothing written to" in run.stderr
+    assert all(path.read_bytes() == data for path, data in earlier.items())
+    # The run is kept, and a plain rerun says how to continue it.
+    status, err = _main(capsys, *_embed_args(workspace, out, corrupt))
+    assert status == 2 and "unfinished run" in err and "--resume" in err, err
 
 
 def _wait_for_rows(status: Path, rows: int, process: subprocess.Popen) -> None:
@@ -359,13 +395,7 @@ def test_info_and_bench(workspace):
 def test_preprocess_is_pixel_exact_with_transformers(crop):
     from dinov2_fast.preprocess import preprocess
 
-    processor = transformers.BitImageProcessorPil(
-        size={"shortest_edge": round(crop * 256 / 224)},
-        crop_size={"height": crop, "width": crop},
-        resample=3,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-    )
+    processor = _processor(crop)
     rng = np.random.default_rng(crop)
     for (height, width), mode in [
         ((300, 400), "RGB"),
@@ -393,3 +423,210 @@ def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_r
         "images/nested/c_rgba.png",
         "images/nested/truncated.jpg",
     ]
+
+
+def test_symlinked_folders_are_followed_once_and_files_kept_once(tmp_path, monkeypatch):
+    from dinov2_fast.embed import collect_inputs
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "photos/sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("photos/a.png", "photos/sub/b.png", "elsewhere/c.png"):
+        _random_image(rng, 20, 20).save(tmp_path / name)
+    (tmp_path / "photos/sub/loop").symlink_to("..")  # a loop back up
+    (tmp_path / "photos/linked").symlink_to("../elsewhere")  # a linked folder
+    (tmp_path / "photos/a_again.png").symlink_to("a.png")  # a linked file
+    monkeypatch.chdir(tmp_path)
+    found = ["photos/a.png", "photos/linked/c.png", "photos/sub/b.png"]
+    assert collect_inputs(["photos"]) == found
+    assert collect_inputs(["photos/**/*.png"]) == found
+    assert collect_inputs(["photos/**"]) == found
+    # The same file through another path keeps the first path given.
+    assert collect_inputs(["elsewhere/c.png", "photos"]) == ["elsewhere/c.png", *found[::2]]
+
+
+def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
+    from transformers.image_utils import load_image as transformers_load_image
+
+    from dinov2_fast.preprocess import load_image, preprocess
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    path = tmp_path / "rotated.jpg"
+    _random_image(np.random.default_rng(6), 200, 320).save(path, exif=exif)
+    expected = _processor()(transformers_load_image(str(path)), return_tensors="np")
+    image = load_image(path)
+    assert image.size == (200, 320)  # upright: width and height swapped
+    np.testing.assert_array_equal(preprocess(image), expected["pixel_values"][0])
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        ("out", (), "already exists: add --resume"),
+        ("manifest", (), "features.manifest.json already exists"),
+        ("partial", (), "unfinished run"),
+        ("out", ("--resume", "--overwrite"), "not allowed with argument"),
+        ("folder", ("--overwrite",), "cannot write --out"),
+        ("under_file", ("--overwrite",), "is not a folder"),
+    ],
+)
+def test_out_is_checked_before_the_model_loads(tmp_path, capsys, setup, extra, message):
+    out = tmp_path / "features.npy"
+    if setup == "out":
+        np.save(out, np.zeros(1))
+    elif setup == "manifest":
+        out.with_suffix(".manifest.json").write_text("{}")
+    elif setup == "partial":
+        partial = out.with_suffix(".partial")
+        partial.mkdir()
+        for name in ("run.json", "features.npy", "status.npy"):
+            (partial / name).write_text("")
+    elif setup == "folder":
+        out.mkdir()
+    else:
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "features.npy"
+    image = tmp_path / "a.png"
+    _random_image(np.random.default_rng(0), 20, 20).save(image)
+    # The model does not exist: an error about --out shows it was checked first.
+    args = ("embed", image, "--model", tmp_path / "no-model", "--out", out, *extra)
+    status, err = _main(capsys, *args)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--image-size", "10"), {}, "dinov2-fast: error: --image-size 10 is smaller than"),
+        ((), {"DINOV2_FAST_VERIFY_PLANT": "abc"}, "must be a number"),
+        # An error only one rank met is printed by that rank, with its number.
+        (("--image-size", "10"), {"RANK": "1"}, "dinov2-fast: error: rank 1: --image-size 10"),
+    ],
+)
+def test_verify_and_bench_refuse_bad_sizes_with_one_line(
+    workspace, capsys, monkeypatch, args, env, message
+):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in ("verify", "bench"):
+        if command == "bench" and not args:
+            continue
+        status, err = _main(
+            capsys, command, "--model", workspace / "model", "--device", "cpu", *args
+        )
+        assert status == 2
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_file_that_is_no_checkpoint_is_named_without_torch_load_advice(tmp_path, capsys):
+    (tmp_path / "weights.pth").write_text("not a checkpoint")
+    image = tmp_path / "a.png"
+    _random_image(np.random.default_rng(0), 20, 20).save(image)
+    args = ("--model", tmp_path / "weights.pth", "--out", tmp_path / "f.npy", "--device", "cpu")
+    status, err = _main(capsys, "embed", image, *args)
+    assert status == 2 and "not a PyTorch checkpoint" in err, err
+    assert "weights_only" not in err
+
+
+def test_an_error_every_rank_shares_is_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    args = ("embed", tmp_path / "missing.png", "--model", "m", "--out", tmp_path / "f.npy")
+    status, err = _main(capsys, *args)
+    assert status == 2 and err == ""
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", "dinov2-fast: interrupted\n"), ("1", "")])
+def test_ctrl_c_is_reported_once_under_torchrun(capsys, monkeypatch, rank, printed):
+    from dinov2_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_diagnostic", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    assert _main(capsys, "verify") == (130, printed)
+
+
+def _embed_here(workspace: Path, out: Path, inputs: list[Path], **options):
+    from dinov2_fast.embed import embed_images
+
+    return embed_images(
+        [str(p) for p in inputs],
+        str(workspace / "model"),
+        out,
+        device="cpu",
+        workers=0,
+        show_progress=False,
+        **options,
+    )
+
+
+def test_a_full_disk_is_an_error_not_a_crash(workspace, tmp_path, monkeypatch):
+    from dinov2_fast import embed
+    from dinov2_fast._resolve import UserError
+
+    inputs = [workspace / "images" / name for name in ("a_rgb.jpg", "zz_corrupt.jpg")]
+    out = tmp_path / "features.npy"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage._replace(free=100))
+    with pytest.raises(UserError, match="not enough disk space .* for 2 rows"):
+        _embed_here(workspace, out, inputs)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match="not enough disk space"):
+        _embed_here(workspace, out, inputs)
+    assert sorted(tmp_path.iterdir()) == []  # nothing half made is left
+
+    # Room for the rows, none for the compacted copy a skipped file calls for at the end.
+    monkeypatch.undo()
+    frees = iter([usage.free, 100])
+    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage._replace(free=next(frees)))
+    with pytest.raises(UserError, match="rows read .* --resume"):
+        _embed_here(workspace, out, inputs)
+    monkeypatch.undo()
+    assert _embed_here(workspace, out, inputs, resume=True).rows == 1
+
+
+@pytest.mark.parametrize(
+    "interrupted_at", ["finished.json.tmp", "compact.npy", "manifest.json.tmp"]
+)
+def test_an_interrupted_finish_is_completed_by_the_next_run(
+    workspace, tmp_path, monkeypatch, capsys, interrupted_at
+):
+    from dinov2_fast._resolve import UserError
+
+    images = workspace / "images"
+    inputs = [images / "a_rgb.jpg", images / "zz_corrupt.jpg", images / "b_grey.png"]
+    clean = tmp_path / "clean" / "features.npy"
+    _embed_here(workspace, clean, inputs)
+    out = tmp_path / "cut" / "features.npy"
+    replace = os.replace
+
+    def cut(source, target):
+        if str(source).endswith(interrupted_at):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _embed_here(workspace, out, inputs)
+    monkeypatch.undo()
+    # After the commit (finished.json), any later run completes the finish first; before
+    # it, the run is unfinished with its rows done, and --resume retries only the skipped file.
+    committed = interrupted_at != "finished.json.tmp"
+    with pytest.raises(UserError, match="already exists" if committed else "unfinished run"):
+        _embed_here(workspace, out, inputs)
+    if not committed:
+        capsys.readouterr()
+        assert _embed_here(workspace, out, inputs, resume=True).rows == 2
+        assert "resuming: 2 of 3 rows already written" in capsys.readouterr().err
+    assert not out.with_suffix(".partial").exists()
+    assert _manifest(out) == _manifest(clean)
+    np.testing.assert_array_equal(np.load(out), np.load(clean))
