@@ -193,11 +193,14 @@ def _attention_op(
     scale: float | None,
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
 ) -> torch.Tensor:
     from .kernels import attention
 
     with _on_device_of(qkv):
-        out, _lse = attention.flash_attention(qkv, num_heads, scale, head_scale, cu_seqlens)
+        out, _lse = attention.flash_attention(
+            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen
+        )
     return out
 
 
@@ -208,6 +211,7 @@ def _(
     scale: float | None,
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
 ) -> torch.Tensor:
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
 
@@ -280,13 +284,18 @@ def attention(
     scale: float | None = None,
     head_scale: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Non-causal multi-head attention on the packed (B, N, 3*H*Dh) QKV projection, giving
-    (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``."""
+    (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``.
+
+    With ``cu_seqlens``, passing ``max_seqlen`` (the longest sequence) spares the kernel a
+    device-to-host read, which also makes the call CUDA-graph capturable.
+    """
     if _use_triton(
         "attention", [qkv, head_scale], _attention_blocker(qkv, num_heads, scale, cu_seqlens)
     ):
-        return _attention_op(qkv, num_heads, scale, head_scale, cu_seqlens)
+        return _attention_op(qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen)
     return reference.attention(
         qkv, num_heads, scale=scale, head_scale=head_scale, cu_seqlens=cu_seqlens
     )

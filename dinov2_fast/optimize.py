@@ -131,7 +131,8 @@ def optimize(model: nn.Module) -> nn.Module:
     ``Dinov2Backbone`` or a with-registers class) on the fused ops, in place; returns it.
 
     The kernels run where ``dinov2_fast.ops`` can run them (CUDA, or the Triton interpreter),
-    the reference ops elsewhere. Idempotent.
+    the reference ops elsewhere. Idempotent; ``copy.deepcopy`` keeps it. The patched
+    instances do not pickle: save with ``save_pretrained`` or ``state_dict()``.
     """
     name = type(model).__name__
     if name not in _SUPPORTED or not type(model).__module__.startswith("transformers."):

@@ -276,6 +276,23 @@ def test_rejects_bad_cu_seqlens(cu_seqlens, match):
         flash_attention(_varlen_qkv(), 2, cu_seqlens=bounds)
 
 
+def test_rejects_a_max_seqlen_shorter_than_a_sequence():
+    bounds = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="6 tokens, more than max_seqlen=5"):
+        flash_attention(_varlen_qkv(), 2, cu_seqlens=bounds, max_seqlen=5)
+
+
+def test_ops_passes_max_seqlen_through():
+    from dinov2_fast import ops
+
+    qkv, bounds = _varlen_qkv(), torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    with count_launches() as launches:
+        out = ops.attention(qkv, 2, cu_seqlens=bounds, max_seqlen=6)
+    assert launches == {"attention": 1}
+    expected = reference.attention(qkv.float(), 2, cu_seqlens=bounds)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
 def test_rejects_3d_qkv_with_cu_seqlens():
     bounds = torch.tensor([0, 10], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="total"):

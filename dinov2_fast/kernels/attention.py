@@ -284,13 +284,17 @@ def _tuned_kernel(arch: int, width: int) -> triton.runtime.Autotuner:
     )(_attention_fwd_kernel)
 
 
-def _check_cu_seqlens_values(bounds: list[int], total: int) -> None:
+def _check_cu_seqlens_values(bounds: list[int], total: int, max_seqlen: int | None) -> None:
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at total={total}, got {bounds[0]}..{bounds[-1]}"
         )
-    if any(b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if min(lengths) < 0:
         raise ValueError("cu_seqlens must be non-decreasing")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        # The grid is sized by max_seqlen: a longer sequence would be left partly unwritten.
+        raise ValueError(f"a sequence has {max(lengths)} tokens, more than max_seqlen={max_seqlen}")
 
 
 def _validate(
@@ -298,6 +302,7 @@ def _validate(
     num_heads: int,
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
 ) -> int:
     """Check the inputs and return head_dim."""
     expected_ndim = 3 if cu_seqlens is None else 2
@@ -326,7 +331,7 @@ def _validate(
             raise ValueError("cu_seqlens must be on the same device as qkv")
         # Reading the values syncs the device, which CUDA-graph capture forbids.
         if not (qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_cu_seqlens_values(cu_seqlens.tolist(), qkv.shape[0])
+            _check_cu_seqlens_values(cu_seqlens.tolist(), qkv.shape[0], max_seqlen)
     if head_scale is not None:
         groups = qkv.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         allowed = [(num_heads,), (groups, num_heads)]
@@ -361,7 +366,7 @@ def flash_attention(
     scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
     when given, receive the results.
     """
-    head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens)
+    head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens, max_seqlen)
     varlen = cu_seqlens is not None
     tokens = qkv.shape[-2]
     groups = cu_seqlens.numel() - 1 if varlen else qkv.shape[0]
