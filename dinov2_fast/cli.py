@@ -51,7 +51,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("auto", *DTYPES),
         default="auto",
-        help="model dtype; auto: bfloat16 on GPUs that have it, float32 on CPU",
+        help="model dtype; auto: bfloat16 on GPUs that have it, float16 on older GPUs, "
+        "float32 on CPU",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present"
@@ -102,7 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_count,
         default=None,
-        help="image-decoding processes (default: 1 on CPU; on GPU the cores less one, up to 16)",
+        help="image-decoding processes (default: 1 on CPU; on GPU the cores shared among "
+        "local processes, less one, up to 16)",
     )
     existing = embed.add_mutually_exclusive_group()
     existing.add_argument(

@@ -1,8 +1,7 @@
 """CUDA-graph replay of a model's forward for fixed input shapes.
 
-Small batches are launch-bound: a ViT block is a dozen kernels, and at batch 1 the CPU
-issuing them is slower than the GPU running them. Replaying a captured graph issues the
-whole forward at once.
+Small batches are expected to be launch-bound (a ViT block is a dozen kernels; not yet
+measured on a GPU). Replaying a captured graph issues the whole forward at once.
 
 Contract of ``cuda_graph(model)``'s callable:
 - one graph per (shape, dtype, device) of ``pixel_values``, captured on first use;

@@ -1,6 +1,6 @@
-"""DINOv2 in plain PyTorch with transformers' module names, arguments and outputs.
-
-This is the reference path (and the CPU path). Parameter names match transformers' on-disk
+"""DINOv2 with transformers' module names, arguments and outputs: the plain PyTorch modules
+(the reference and CPU path) and the fused forward on ``dinov2_fast.ops`` (``fused_block``,
+``Dinov2Encoder.forward_fused``). Parameter names match transformers' on-disk
 checkpoint keys exactly, so ``state_dict()`` of each class is interchangeable with the
 transformers class of the same name.
 """

@@ -69,7 +69,7 @@ def current_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else the environment variable."""
     if _forced_backends:
         return _forced_backends[-1]
-    return _check_backend(os.environ.get(BACKEND_ENV_VAR, "auto"), BACKEND_ENV_VAR)
+    return _check_backend(os.environ.get(BACKEND_ENV_VAR) or "auto", BACKEND_ENV_VAR)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -289,8 +289,9 @@ def attention(
     """Non-causal multi-head attention on the packed (B, N, 3*H*Dh) QKV projection, giving
     (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``.
 
-    With ``cu_seqlens``, passing ``max_seqlen`` (the longest sequence) spares the kernel a
-    device-to-host read, which also makes the call CUDA-graph capturable.
+    With ``cu_seqlens``, pass ``max_seqlen`` (the longest sequence) to make the call CUDA-graph
+    capturable; outside a capture ``cu_seqlens`` is still read on the host once to validate
+    it. The reference path ignores ``max_seqlen``, a launch hint of the kernel.
     """
     if _use_triton(
         "attention", [qkv, head_scale], _attention_blocker(qkv, num_heads, scale, cu_seqlens)

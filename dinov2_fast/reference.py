@@ -1,6 +1,7 @@
 """Plain PyTorch twins of every fused op: the CPU path and the truth the kernels are tested against.
 
-Each function has the exact signature and semantics of its entry in ``dinov2_fast.ops``.
+Each function has the signature and semantics of its entry in ``dinov2_fast.ops`` (whose
+``attention`` also takes ``max_seqlen``, a launch hint of the kernel).
 """
 
 from __future__ import annotations

@@ -358,13 +358,15 @@ def flash_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention on the packed QKV projection; returns (out, lse).
 
-    qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
-    (B, N, H*Dh) and lse (fp32, natural log) is (B, H, N). With cu_seqlens (int32 (S+1,),
-    from 0) qkv is (total, 3*H*Dh), each sequence attends within itself, out is
-    (total, H*Dh) and lse is (H, total); max_seqlen saves a device sync when given.
-    head_scale, (H,) or (B, H) ((S, H) with cu_seqlens), multiplies each head's output.
-    scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
-    when given, receive the results.
+        qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
+        (B, N, H*Dh) and lse (fp32, natural log) is (B, H, N). With cu_seqlens (int32 (S+1,),
+        from 0) qkv is (total, 3*H*Dh), each sequence attends within itself, out is
+        (total, H*Dh) and lse is (H, total); max_seqlen is required under CUDA-graph capture
+    (otherwise it is computed on the host). float32 is exact and meant for the interpreter: on
+    CUDA its tiles spill (ops.attention sends it to SDPA).
+        head_scale, (H,) or (B, H) ((S, H) with cu_seqlens), multiplies each head's output.
+        scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
+        when given, receive the results.
     """
     head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens, max_seqlen)
     varlen = cu_seqlens is not None

@@ -1,7 +1,8 @@
-"""Bias + exact (erf) GELU: the fc1 epilogue of the GELU MLP in one pass.
+"""Exact (erf) GELU of ``x`` (+ an optional bias) in one pass: the fc1 epilogue of the MLP.
 
-fc1 runs as a cuBLAS GEMM without bias; this kernel then reads its output once, adds the
-bias, applies ``0.5 * x * (1 + erf(x / sqrt(2)))`` in fp32 and writes once. It writes a
+The model lets cuBLAS add fc1's bias in its GEMM epilogue and calls this without one; the
+``bias`` argument serves a bias-free GEMM. The kernel reads once, applies
+``0.5 * x * (1 + erf(x / sqrt(2)))`` in fp32 and writes once. It writes a
 new tensor rather than updating the GEMM output in place: the caching allocator makes the
 allocation free, the traffic is the same, and the functional op stays alias-free for
 torch.compile and the autotuner (which replays launches).
