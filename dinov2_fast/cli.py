@@ -165,7 +165,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run_embed(args: argparse.Namespace) -> int:
     # Imported here: it needs Pillow and tqdm (the cli extra), which the other commands do not.
-    from .embed import embed_images
+    from .embedding import embed_images
 
     result = embed_images(
         args.inputs,

@@ -393,7 +393,7 @@ def test_info_and_bench(workspace):
 
 @pytest.mark.parametrize("crop", [224, 98, 518])
 def test_preprocess_is_pixel_exact_with_transformers(crop):
-    from dinov2_fast.preprocess import preprocess
+    from dinov2_fast.embedding.preprocess import preprocess
 
     processor = _processor(crop)
     rng = np.random.default_rng(crop)
@@ -413,7 +413,7 @@ def test_preprocess_is_pixel_exact_with_transformers(crop):
 def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_repeats(
     workspace, monkeypatch
 ):
-    from dinov2_fast.embed import collect_inputs
+    from dinov2_fast.embedding import collect_inputs
 
     monkeypatch.chdir(workspace)
     inputs = collect_inputs(["images/nested/d_square.jpeg", "images/**/*.png", "images/nested"])
@@ -426,7 +426,7 @@ def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_r
 
 
 def test_symlinked_folders_are_followed_once_and_files_kept_once(tmp_path, monkeypatch):
-    from dinov2_fast.embed import collect_inputs
+    from dinov2_fast.embedding import collect_inputs
 
     rng = np.random.default_rng(1)
     (tmp_path / "photos/sub").mkdir(parents=True)
@@ -448,7 +448,7 @@ def test_symlinked_folders_are_followed_once_and_files_kept_once(tmp_path, monke
 def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
     from transformers.image_utils import load_image as transformers_load_image
 
-    from dinov2_fast.preprocess import load_image, preprocess
+    from dinov2_fast.embedding.preprocess import load_image, preprocess
 
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
@@ -551,7 +551,7 @@ def test_ctrl_c_is_reported_once_under_torchrun(capsys, monkeypatch, rank, print
 
 
 def _embed_here(workspace: Path, out: Path, inputs: list[Path], **options):
-    from dinov2_fast.embed import embed_images
+    from dinov2_fast.embedding import embed_images
 
     return embed_images(
         [str(p) for p in inputs],
@@ -565,20 +565,20 @@ def _embed_here(workspace: Path, out: Path, inputs: list[Path], **options):
 
 
 def test_a_full_disk_is_an_error_not_a_crash(workspace, tmp_path, monkeypatch):
-    from dinov2_fast import embed
     from dinov2_fast._resolve import UserError
+    from dinov2_fast.embedding import sinks
 
     inputs = [workspace / "images" / name for name in ("a_rgb.jpg", "zz_corrupt.jpg")]
     out = tmp_path / "features.npy"
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage._replace(free=100))
+    monkeypatch.setattr(sinks.shutil, "disk_usage", lambda _: usage._replace(free=100))
     with pytest.raises(UserError, match="not enough disk space .* for 2 rows"):
         _embed_here(workspace, out, inputs)
 
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage)
+    monkeypatch.setattr(sinks.shutil, "disk_usage", lambda _: usage)
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(UserError, match="not enough disk space"):
         _embed_here(workspace, out, inputs)
@@ -587,7 +587,7 @@ def test_a_full_disk_is_an_error_not_a_crash(workspace, tmp_path, monkeypatch):
     # Room for the rows, none for the compacted copy a skipped file calls for at the end.
     monkeypatch.undo()
     frees = iter([usage.free, 100])
-    monkeypatch.setattr(embed.shutil, "disk_usage", lambda _: usage._replace(free=next(frees)))
+    monkeypatch.setattr(sinks.shutil, "disk_usage", lambda _: usage._replace(free=next(frees)))
     with pytest.raises(UserError, match="rows read .* --resume"):
         _embed_here(workspace, out, inputs)
     monkeypatch.undo()

@@ -1,10 +1,8 @@
-"""Embed image files into one features ``.npy`` plus a manifest: streamed, resumable, sharded.
+"""The embedding run: image files to one features ``.npy`` and a manifest, resumable, sharded.
 
-Row order: the inputs in command-line order; a folder contributes its images (recursively,
-hidden files and folders left out) sorted by path, a glob its image matches sorted by path.
-Folders and ``**`` follow links to folders, each real folder once (a link loop ends there);
-a file met twice, by the same path or through links, keeps its first place and path. Files
-that cannot be read get no row; the manifest lists them with the reason.
+Inputs come from ``sources`` (files, folders, globs, in row order), pixels from
+``preprocess`` through ``engine``, and rows go to ``sinks``. Files that cannot be read get no
+row; the manifest lists them with the reason.
 
 While a run is going, its work lives in ``FEATURES.partial/`` beside the output: one row of
 features per input (``features.npy``), one status byte per input (``status.npy``), the run's
@@ -23,29 +21,23 @@ manifest follow, and the next run on that ``--out`` completes them if they were 
 from __future__ import annotations
 
 import errno
-import fnmatch
-import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ._resolve import (
+from .._resolve import (
     POOLS,
-    SharedError,
     UserError,
     check_image_size,
     dtype_name,
@@ -55,22 +47,15 @@ from ._resolve import (
     resolve_device,
     resolve_dtype,
 )
-from .preprocess import load_image, preprocess, resize_size_for
+from .engine import ImageRows, collate, feature_shape, pool_output
+from .preprocess import resize_size_for
+from .ranks import Ranks
+from .sinks import check_space, copy_rows, create_array, write_json
+from .sources import collect_inputs
 
-__all__ = ["collect_inputs", "embed_images"]
+__all__ = ["EmbedResult", "embed_images", "manifest_path"]
 
 _PENDING, _DONE, _SKIPPED = 0, 1, 2
-_COPY_CHUNK_BYTES = 64 << 20
-# Ranks wait for the slowest at the end; torchrun tears the group down if one fails, so
-# this only bounds a hang.
-_RANK_TIMEOUT = timedelta(hours=6)
-# Formats Pillow can read (some of its registered extensions, such as .pdf, are write-only).
-_IMAGE_SUFFIXES = frozenset(
-    ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
-)
-_COMMON_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -92,277 +77,6 @@ def manifest_path(features: str | os.PathLike) -> Path:
 
 def _partial_dir(features: Path) -> Path:
     return features.with_suffix(".partial")
-
-
-# -- inputs ---------------------------------------------------------------------------------
-
-
-def _is_image_name(path: str) -> bool:
-    return Path(path).suffix.lower() in _IMAGE_SUFFIXES
-
-
-def _accepted() -> str:
-    common = [ext for ext in _COMMON_SUFFIXES if ext in _IMAGE_SUFFIXES]
-    more = len(_IMAGE_SUFFIXES) - len(common)
-    return f"looked for {', '.join(common)} and {more} more extensions Pillow reads"
-
-
-def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
-    """Each folder under ``root`` with its file names, sorted, hidden names left out.
-
-    Links to folders are followed, but every real folder is entered once, so a link loop
-    or a second link to the same folder adds nothing.
-    """
-    entered = {os.path.realpath(root)}
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        kept = []
-        for name in sorted(dirs):
-            real = os.path.realpath(os.path.join(folder, name))
-            if not name.startswith(".") and real not in entered:
-                entered.add(real)
-                kept.append(name)
-        dirs[:] = kept
-        yield folder, sorted(f for f in files if not f.startswith("."))
-
-
-def _images_under(folder: str) -> list[str]:
-    return sorted(
-        os.path.normpath(os.path.join(root, name))
-        for root, names in _walk(folder)
-        for name in names
-        if _is_image_name(name)
-    )
-
-
-def _matches(pattern: list[str], names: list[str]) -> bool:
-    """Path components against glob components; ``**`` spans any number of folders."""
-    if not pattern:
-        return not names
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_matches(rest, names[i:]) for i in range(len(names) + 1))
-    return bool(names) and fnmatch.fnmatchcase(names[0], head) and _matches(rest, names[1:])
-
-
-def _recursive_glob(pattern: str) -> list[str]:
-    """A ``**`` glob, walked by the folders' rule (``_walk``) instead of glob's, which loops."""
-    parts = pattern.split(os.sep)
-    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
-    wanted = parts[fixed:]
-    matched: dict[str, bool] = {}
-    images = []
-    for folder, names in _walk(root):
-        rel = os.path.relpath(folder, root)
-        comps = [] if rel == os.curdir else rel.split(os.sep)
-        # A folder the glob matches brings every image under it, as for a folder input.
-        inside = matched.get(os.path.dirname(folder), False) or _matches(wanted, comps)
-        matched[folder] = inside
-        images += [
-            os.path.normpath(os.path.join(folder, name))
-            for name in names
-            if _is_image_name(name) and (inside or _matches(wanted, [*comps, name]))
-        ]
-    return sorted(images)
-
-
-def _expand(pattern: str) -> list[str]:
-    if os.path.isdir(pattern):
-        images = _images_under(pattern)
-        if not images:
-            raise UserError(f"no images in folder {pattern} ({_accepted()})")
-        return images
-    if os.path.exists(pattern):
-        return [os.path.normpath(pattern)]
-    if not glob.has_magic(pattern):
-        raise UserError(f"no such file or folder: {pattern}")
-    if "**" in pattern:
-        images = _recursive_glob(pattern)
-    else:
-        images = []
-        for match in sorted(glob.glob(pattern)):
-            if os.path.isdir(match):
-                images += _images_under(match)
-            elif _is_image_name(match):
-                images.append(os.path.normpath(match))
-    if not images:
-        raise UserError(f"no images match {pattern} ({_accepted()})")
-    return images
-
-
-def collect_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files, folders (recursive) and globs to image paths, in row order (module docstring)."""
-    # A file is known by its real path and listed under the first path that reached it.
-    chosen: dict[str, str] = {}
-    for pattern in patterns:
-        for path in _expand(pattern):
-            chosen.setdefault(os.path.realpath(path), path)
-    return list(chosen.values())
-
-
-# -- processes ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Ranks:
-    """This process's place under torchrun (one process without it)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> _Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        if machines != 1:
-            # Memory maps of one file written from several machines lose rows: network
-            # filesystems write whole pages back, over the neighbours' rows.
-            raise SharedError(
-                f"embed under torchrun runs on one machine; this launch spans {machines} "
-                "(use --nnodes 1, or one run per machine with its own --out)"
-            )
-        # Only small objects and barriers cross processes (features go through the shared
-        # files), so gloo serves GPU runs too.
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=_RANK_TIMEOUT)
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    def on_rank0(self, work: Callable[[], _T]) -> _T:
-        """Run ``work`` on rank 0 and hand its result, or its error, to every rank."""
-        payload: tuple[bool, Any] = (True, None)
-        if self.rank == 0:
-            try:
-                payload = (True, work())
-            except (UserError, OSError) as err:
-                payload = (False, first_line(err))
-        if self.world > 1:
-            box = [payload]
-            dist.broadcast_object_list(box, src=0)
-            payload = box[0]
-        ok, value = payload
-        if not ok:
-            raise SharedError(value)
-        return value
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# -- reading images ---------------------------------------------------------------------------
-
-
-class _ImageRows(Dataset):
-    """Preprocessed pixels of some rows; an unreadable file yields its reason instead."""
-
-    def __init__(self, paths: Sequence[str], rows: np.ndarray, crop_size: int) -> None:
-        self.paths = paths
-        self.rows = rows
-        self.crop_size = crop_size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        row = int(self.rows[index])
-        try:
-            pixels = preprocess(load_image(self.paths[row]), self.crop_size)
-        # Decoders of damaged files raise nearly anything (OSError, SyntaxError, struct.error,
-        # DecompressionBombError...); every one of them means "skip this file".
-        except Exception as err:
-            return row, None, first_line(err)
-        return row, torch.from_numpy(pixels), None
-
-
-def _collate(
-    items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    read = [(row, pixels) for row, pixels, _ in items if pixels is not None]
-    failed = [(row, reason) for row, pixels, reason in items if pixels is None]
-    batch = torch.stack([pixels for _, pixels in read]) if read else None
-    return [row for row, _ in read], batch, failed
-
-
-# -- features -------------------------------------------------------------------------------
-
-
-def _feature_shape(pool: str, hidden_size: int, patch_size: int, crop_size: int) -> list[int]:
-    if pool == "patch":
-        return [(crop_size // patch_size) ** 2, hidden_size]
-    return [2 * hidden_size if pool == "cls+mean" else hidden_size]
-
-
-def _pool(output: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
-    """CLS after the final norm, mean of patch tokens, both, or the patch tokens themselves."""
-    if pool == "cls":
-        return output.pooler_output
-    patches = output.last_hidden_state[:, prefix_tokens:]
-    if pool == "patch":
-        return patches
-    mean = patches.float().mean(dim=1)
-    return mean if pool == "mean" else torch.cat([output.pooler_output.float(), mean], dim=-1)
-
-
-def _copy_rows(
-    source: np.ndarray, source_rows: np.ndarray, target: np.ndarray, target_rows: np.ndarray
-) -> None:
-    row_bytes = max(1, source[:1].nbytes)
-    step = max(1, _COPY_CHUNK_BYTES // row_bytes)
-    for start in range(0, len(source_rows), step):
-        chunk = slice(start, start + step)
-        target[target_rows[chunk]] = source[source_rows[chunk]]
-
-
-def _write_json(path: Path, value: Any) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(staging, path)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
-def _check_space(folder: Path, needed: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(
-            f"not enough disk space in {folder} for {what}: {_size(needed)} needed, "
-            f"{_size(free)} free"
-        )
-
-
-def _create_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """A new ``.npy`` memory map whose disk blocks are allocated now.
-
-    A memory map over a sparse file takes its blocks as pages are written, and a full disk
-    then kills the process with SIGBUS; allocating up front makes it an error here instead.
-    """
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    if hasattr(os, "posix_fallocate"):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                # path is in the partial folder (or its staging one), beside --out.
-                raise UserError(
-                    f"not enough disk space in {path.parent.parent} for {what}: "
-                    f"{_size(os.fstat(fd).st_size)} needed"
-                ) from None
-            # Filesystems without allocation support keep the disk-usage check only.
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-        finally:
-            os.close(fd)
-    return array
 
 
 # -- run state ------------------------------------------------------------------------------
@@ -388,7 +102,7 @@ def _complete_finish(out: Path) -> bool:
     ready = partial / finished["features_file"]
     if ready.exists():
         os.replace(ready, out)
-    _write_json(manifest_path(out), finished["manifest"])
+    write_json(manifest_path(out), finished["manifest"])
     shutil.rmtree(partial)
     return True
 
@@ -474,16 +188,16 @@ def _start_partial(
     # The rows plus one status byte each; a run that skips files later needs room for a
     # compacted copy too, checked when it finishes.
     what = f"{len(inputs)} rows of features"
-    _check_space(folder.parent, len(inputs) * (row_bytes + 1), what)
+    check_space(folder.parent, len(inputs) * (row_bytes + 1), what)
     folder.mkdir(parents=True)
-    _write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
-    features = _create_array(folder / "features.npy", settings["features_dtype"], shape, what)
-    status = _create_array(folder / "status.npy", np.uint8, (len(inputs),), what)
+    write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
+    features = create_array(folder / "features.npy", settings["features_dtype"], shape, what)
+    status = create_array(folder / "status.npy", np.uint8, (len(inputs),), what)
     if previous is not None:
         old_row = {p: r for r, p in enumerate(previous.inputs) if previous.done[r]}
         new_rows = np.array([r for r, p in enumerate(inputs) if p in old_row], dtype=np.int64)
         old_rows = np.array([old_row[inputs[r]] for r in new_rows], dtype=np.int64)
-        _copy_rows(previous.features, old_rows, features, new_rows)
+        copy_rows(previous.features, old_rows, features, new_rows)
         status[new_rows] = _DONE
     features.flush()
     status.flush()
@@ -539,10 +253,10 @@ def _embed_rows(
     features_dtype = getattr(torch, str(features.dtype))
     prefix_tokens = 1 + model.config.num_register_tokens
     loader = DataLoader(
-        _ImageRows(inputs, rows, crop_size),
+        ImageRows(inputs, rows, crop_size),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=model.device.type == "cuda",
     )
     progress = tqdm(
@@ -557,7 +271,7 @@ def _embed_rows(
                 log.flush()
             if read_rows:
                 pixels = pixels.to(device=model.device, dtype=model.dtype, non_blocking=True)
-                pooled = _pool(model(pixel_values=pixels), pool, prefix_tokens)
+                pooled = pool_output(model(pixel_values=pixels), pool, prefix_tokens)
                 features[read_rows] = pooled.to(features_dtype).cpu().numpy()
             status[read_rows] = _DONE
             status[[row for row, _ in failed]] = _SKIPPED
@@ -594,9 +308,9 @@ def _finish(out: Path) -> EmbedResult:
         features = np.load(partial / "features.npy", mmap_mode="r")
         shape = (len(written), *features.shape[1:])
         what = f"the {len(written)} rows read (free some, then rerun with --resume)"
-        _check_space(partial.parent, features[:1].nbytes * len(written), what)
-        compact = _create_array(partial / ready, features.dtype, shape, what)
-        _copy_rows(features, written, compact, np.arange(len(written)))
+        check_space(partial.parent, features[:1].nbytes * len(written), what)
+        compact = create_array(partial / ready, features.dtype, shape, what)
+        copy_rows(features, written, compact, np.arange(len(written)))
         compact.flush()
         del compact, features
     manifest = {
@@ -606,7 +320,7 @@ def _finish(out: Path) -> EmbedResult:
         "inputs": [inputs[r] for r in written],
         "skipped": [{"path": inputs[r], "reason": reasons.get(int(r), "?")} for r in skipped_rows],
     }
-    _write_json(partial / _FINISHED, {"features_file": ready, "manifest": manifest})
+    write_json(partial / _FINISHED, {"features_file": ready, "manifest": manifest})
     _complete_finish(out)
     return result
 
@@ -649,7 +363,7 @@ def embed_images(
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
     if resume and overwrite:
         raise UserError("--resume keeps the earlier rows and --overwrite drops them: pick one")
-    ranks = _Ranks.from_env()
+    ranks = Ranks.from_env()
     try:
 
         def check() -> list[str]:
@@ -673,7 +387,7 @@ def embed_images(
             "model_dtype": dtype_name(torch_dtype),
             # numpy has no bfloat16: those features are stored as float32.
             "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
-            "feature_shape": _feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
+            "feature_shape": feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
         }
         pending = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
         _embed_rows(

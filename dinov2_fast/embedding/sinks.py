@@ -1,0 +1,73 @@
+"""The ``.npy`` writer: memory-mapped feature files allocated up front, rows copied in chunks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._resolve import UserError
+
+__all__ = ["check_space", "copy_rows", "create_array", "write_json"]
+
+_COPY_CHUNK_BYTES = 64 << 20
+
+
+def copy_rows(
+    source: np.ndarray, source_rows: np.ndarray, target: np.ndarray, target_rows: np.ndarray
+) -> None:
+    row_bytes = max(1, source[:1].nbytes)
+    step = max(1, _COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, len(source_rows), step):
+        chunk = slice(start, start + step)
+        target[target_rows[chunk]] = source[source_rows[chunk]]
+
+
+def write_json(path: Path, value: Any) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(staging, path)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(
+            f"not enough disk space in {folder} for {what}: {_size(needed)} needed, "
+            f"{_size(free)} free"
+        )
+
+
+def create_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A new ``.npy`` memory map whose disk blocks are allocated now.
+
+    A memory map over a sparse file takes its blocks as pages are written, and a full disk
+    then kills the process with SIGBUS; allocating up front makes it an error here instead.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                # path is in the partial folder (or its staging one), beside --out.
+                raise UserError(
+                    f"not enough disk space in {path.parent.parent} for {what}: "
+                    f"{_size(os.fstat(fd).st_size)} needed"
+                ) from None
+            # Filesystems without allocation support keep the disk-usage check only.
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    return array
