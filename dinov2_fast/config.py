@@ -5,15 +5,23 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Dinov2Config", "Dinov2WithRegistersConfig"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "Dinov2Config", "Dinov2WithRegistersConfig"]
 
 _CONFIG_NAME = "config.json"
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _ACTIVATIONS = ("gelu", "silu", "swish", "relu")
+_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# "eager": explicit softmax(QK^T)V on the PyTorch path (returns probabilities);
+# "sdpa": the PyTorch path with F.scaled_dot_product_attention, never the fused kernels;
+# "dinov2_fast": the fused Triton path wherever it can run, else as "sdpa" (the default).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "dinov2_fast")
 
 # The released DINOv2 sizes (DESIGN.md §2); "giant" is the SwiGLU ViT-g/14.
 _SIZES: dict[str, dict[str, Any]] = {
@@ -37,8 +45,66 @@ _IGNORED_KEYS = frozenset(
         "dtype",
         "torch_dtype",
         "_name_or_path",
+        "_commit_hash",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
     }
 )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= low), f"an int >= {low}"
+
+
+def _number(check: Callable[[float], bool], accepted: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_number(v) and check(v)), accepted
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_SQUARE = (lambda v: _is_int(v) and v >= 1, "a single int >= 1 (square images and patches)")
+
+# Every scalar field: (accepts the value, what is accepted), for one-line errors at
+# construction and at load (a config.json with "64" or null fails here, not deep in a forward).
+_SCALAR_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hidden_size": _int_at_least(1),
+    "num_hidden_layers": _int_at_least(0),
+    "num_attention_heads": _int_at_least(1),
+    "mlp_ratio": _number(lambda v: v > 0, "a number > 0"),
+    "hidden_act": (lambda v: v in _ACTIVATIONS, f"one of {_ACTIVATIONS}"),
+    "hidden_dropout_prob": _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "attention_probs_dropout_prob": _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "initializer_range": _number(lambda v: v >= 0, "a number >= 0"),
+    "layer_norm_eps": _number(lambda v: v > 0, "a number > 0"),
+    "image_size": _SQUARE,
+    "patch_size": _SQUARE,
+    "num_channels": _int_at_least(1),
+    "qkv_bias": _BOOL,
+    "layerscale_value": _number(lambda v: True, "a finite number"),
+    "drop_path_rate": _number(lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "use_swiglu_ffn": _BOOL,
+    "apply_layernorm": _BOOL,
+    "reshape_hidden_states": _BOOL,
+    "use_mask_token": _BOOL,
+    "num_register_tokens": _int_at_least(0),
+    "interpolate_offset": _number(lambda v: v >= 0, "a number >= 0"),
+    "interpolate_antialias": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "output_hidden_states": _BOOL,
+    "output_attentions": _BOOL,
+    "return_dict": _BOOL,
+    "problem_type": (lambda v: v is None or v in _PROBLEM_TYPES, f"null or {_PROBLEM_TYPES}"),
+}
+
+
+def _refuse(field: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"Dinov2Config: {field}={value!r} is not accepted; expected {accepted}")
 
 
 class Dinov2Config:
@@ -49,9 +115,17 @@ class Dinov2Config:
     resize; 0.1 = the original hub models' ``scale_factor=(n + 0.1) / sqrt(N)``) and
     ``interpolate_antialias`` (``None`` = antialias exactly when the model has registers, as
     transformers does).
+
+    As in transformers, ``out_features`` and ``out_indices`` stay aligned (setting one
+    recomputes the other), ``output_hidden_states`` / ``output_attentions`` / ``return_dict``
+    are the defaults of a forward call that passes ``None``, and ``attn_implementation``
+    (read back as ``_attn_implementation``) picks the attention: one of
+    ``ATTN_IMPLEMENTATIONS``. Every field is checked at construction and by ``validate()``.
     """
 
     model_type = "dinov2"
+    # transformers' pipeline() reads this; a config not fetched from the hub has none.
+    _commit_hash: str | None = None
 
     def __init__(
         self,
@@ -83,6 +157,10 @@ class Dinov2Config:
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
         problem_type: str | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -108,13 +186,18 @@ class Dinov2Config:
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         self.problem_type = problem_type
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.return_dict = return_dict
+        self._attn_implementation = attn_implementation
+        self._out_features, self._out_indices = out_features, out_indices
         self._set_labels(num_labels, id2label, label2id)
-        self._validate()
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
-        self.out_features, self.out_indices = self._resolve_stages(out_features, out_indices)
+        self.validate()
         for key, value in kwargs.items():
             if key not in _IGNORED_KEYS:
                 setattr(self, key, value)
+
+    # -- labels -------------------------------------------------------------------------
 
     def _set_labels(
         self,
@@ -122,8 +205,16 @@ class Dinov2Config:
         id2label: dict[int, str] | None,
         label2id: dict[str, int] | None,
     ) -> None:
+        if num_labels is not None and not (_is_int(num_labels) and num_labels >= 0):
+            raise _refuse("num_labels", num_labels, "an int >= 0")
+        for name, mapping in (("id2label", id2label), ("label2id", label2id)):
+            if mapping is not None and not isinstance(mapping, dict):
+                raise _refuse(name, mapping, "a dict (or null)")
         if id2label is not None:
-            id2label = {int(k): v for k, v in id2label.items()}
+            try:
+                id2label = {int(k): v for k, v in id2label.items()}
+            except (TypeError, ValueError) as err:
+                raise _refuse("id2label", id2label, "a dict keyed by label ids (ints)") from err
             if num_labels is not None and num_labels != len(id2label):
                 raise ValueError(
                     f"num_labels={num_labels} disagrees with id2label, which has "
@@ -141,6 +232,8 @@ class Dinov2Config:
     @num_labels.setter
     def num_labels(self, value: int) -> None:
         self._set_labels(value, None, None)
+
+    # -- derived values ---------------------------------------------------------------------
 
     @property
     def head_dim(self) -> int:
@@ -160,48 +253,109 @@ class Dinov2Config:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
-    def _validate(self) -> None:
+    @property
+    def use_return_dict(self) -> bool:
+        """transformers' older name for ``return_dict``."""
+        return self.return_dict
+
+    @property
+    def _attn_implementation(self) -> str | None:
+        """The attention implementation (``None`` until a model resolves the default)."""
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | None) -> None:
+        if value is not None and value not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={value!r} is not supported; use one of {ATTN_IMPLEMENTATIONS}"
+            )
+        self._attn_implementation_internal = value
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _validate_scalars(self) -> None:
+        for field, (accepts, accepted) in _SCALAR_FIELDS.items():
+            if field == "hidden_act" and self.use_swiglu_ffn is True:
+                continue  # the SwiGLU FFN has no configurable activation
+            value = getattr(self, field)
+            if not accepts(value):
+                raise _refuse(field, value, accepted)
+
+    def validate(self) -> None:
+        """Check every field's type and range and their consistency; raise a one-line
+        ``ValueError`` naming the field, its value and what is accepted. Models call it
+        when built, so a field set after construction is checked too."""
+        self._validate_scalars()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"Dinov2Config: hidden_size={self.hidden_size} is not a multiple of "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if not isinstance(self.patch_size, int) or not isinstance(self.image_size, int):
-            raise ValueError(
-                "image_size and patch_size must be single ints (square images and patches), got "
-                f"image_size={self.image_size!r}, patch_size={self.patch_size!r}"
-            )
         if self.image_size < self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is smaller than patch_size")
-        if not self.use_swiglu_ffn and self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported; use one of {_ACTIVATIONS}"
+                f"Dinov2Config: image_size={self.image_size} is smaller than "
+                f"patch_size={self.patch_size}"
             )
-        if self.num_register_tokens < 0:
-            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        if self.problem_type not in (
-            None,
-            "regression",
-            "single_label_classification",
-            "multi_label_classification",
-        ):
-            raise ValueError(f"problem_type={self.problem_type!r} is not a known problem type")
+        if self.ffn_hidden_size < 1:
+            raise _refuse("mlp_ratio", self.mlp_ratio, "a ratio that gives an FFN width >= 1")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError(
+                "Dinov2Config: problem_type='single_label_classification' needs num_labels > 1 "
+                "(use num_labels=2, or problem_type='regression')"
+            )
+        self._attn_implementation = self._attn_implementation
+        self.set_output_features_output_indices(self._out_features, self._out_indices)
 
-    def _resolve_stages(
-        self, out_features: list[str] | None, out_indices: list[int] | None
-    ) -> tuple[list[str], list[int]]:
+    # -- backbone stages (transformers' BackboneConfigMixin behaviour) -----------------------
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+
+    @property
+    def out_features(self) -> list[str]:
+        return self._out_features
+
+    @out_features.setter
+    def out_features(self, out_features: list[str] | None) -> None:
+        self.set_output_features_output_indices(out_features, None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._out_indices
+
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int] | tuple[int, ...] | None) -> None:
+        self.set_output_features_output_indices(None, out_indices)
+
+    def set_output_features_output_indices(
+        self,
+        out_features: list[str] | None,
+        out_indices: list[int] | tuple[int, ...] | None,
+    ) -> None:
+        """Select the backbone's stages by name, by index or both (they must agree); the
+        other is computed; neither selects the last stage."""
         names = self.stage_names
-        if out_features is None and out_indices is None:
-            return [names[-1]], [len(names) - 1]
-        if out_indices is not None:
-            bad = [i for i in out_indices if not -len(names) <= i < len(names)]
-            if bad:
-                raise ValueError(f"out_indices {bad} are out of range for stages {names}")
         if out_features is not None:
+            if not isinstance(out_features, list) or not all(
+                isinstance(f, str) for f in out_features
+            ):
+                raise _refuse("out_features", out_features, f"a list of stage names from {names}")
             bad_names = [f for f in out_features if f not in names]
             if bad_names:
                 raise ValueError(f"out_features {bad_names} are not stages; choose from {names}")
-        if out_features is None:
+        if out_indices is not None:
+            if not isinstance(out_indices, (list, tuple)) or not all(
+                _is_int(i) for i in out_indices
+            ):
+                raise _refuse("out_indices", out_indices, "a list of ints")
+            bad = [i for i in out_indices if not -len(names) <= i < len(names)]
+            if bad:
+                raise ValueError(f"out_indices {bad} are out of range for stages {names}")
+            out_indices = list(out_indices)
+        if out_features is None and out_indices is None:
+            out_features, out_indices = [names[-1]], [len(names) - 1]
+        elif out_features is None:
             out_features = [names[i] for i in out_indices]
         elif out_indices is None:
             out_indices = [names.index(f) for f in out_features]
@@ -216,7 +370,9 @@ class Dinov2Config:
                 f"out_features {list(out_features)} must name distinct stages in the order "
                 f"of {names}"
             )
-        return list(out_features), list(out_indices)
+        self._out_features, self._out_indices = list(out_features), out_indices
+
+    # -- construction and serialisation ------------------------------------------------------
 
     @classmethod
     def for_size(cls, name: str, **overrides: Any) -> Dinov2Config:
@@ -228,20 +384,43 @@ class Dinov2Config:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict in transformers' config.json layout."""
         out = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_")}
-        out.pop("stage_names")
+        out["out_features"] = list(self.out_features)
+        out["out_indices"] = list(self.out_indices)
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["model_type"] = "dinov2_with_registers" if self.num_register_tokens else "dinov2"
         return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without the fields that equal this class's defaults (``model_type``
+        always kept), as transformers' ``to_json_string()`` writes by default."""
+        defaults = type(self)().to_dict()
+        return {
+            k: v for k, v in self.to_dict().items() if k == "model_type" or defaults.get(k) != v
+        }
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON; ``use_diff=True`` writes only the fields that differ from the
+        defaults (what loads back is the same config either way)."""
+        config = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write ``to_json_string(use_diff)`` to a file."""
+        Path(json_file_path).write_text(self.to_json_string(use_diff), encoding="utf-8")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> Dinov2Config:
         """A config from a config.json dict; ``overrides`` replace fields (a new stage
         selection or label count replaces the saved one as a whole)."""
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"a DINOv2 config must be a JSON object (a dict), got {type(config).__name__}"
+            )
         unknown = sorted(set(overrides) - _FIELDS)
         if unknown:
             raise TypeError(
-                f"{unknown} are not Dinov2Config fields (loading options are dtype=, device= "
-                "and backend=)"
+                f"{unknown} are not Dinov2Config fields (see Dinov2PreTrainedModel.from_pretrained "
+                "for the loading options)"
             )
         config = dict(config)
         if {"out_features", "out_indices"} & set(overrides):
@@ -264,6 +443,16 @@ class Dinov2Config:
         return cls(**config)
 
     @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> Dinov2Config:
+        """A config from a config.json file."""
+        file = Path(json_file)
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        return cls.from_dict(config)
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Dinov2Config:
         """Read ``config.json`` from a folder (or the file itself); see ``from_dict``."""
         path = Path(path)
@@ -271,9 +460,11 @@ class Dinov2Config:
         if not file.is_file():
             raise FileNotFoundError(f"no {_CONFIG_NAME} at {path}")
         try:
-            config = json.loads(file.read_text())
+            config = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{file} is not valid JSON: {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{file} holds a JSON {type(config).__name__}, not a config object")
         return cls.from_dict(config, **overrides)
 
     def save_pretrained(self, path: str | os.PathLike, architecture: str | None = None) -> None:

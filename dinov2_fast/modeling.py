@@ -7,6 +7,7 @@ transformers class of the same name.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from typing import Any
@@ -86,7 +87,9 @@ class Dinov2Embeddings(nn.Module):
             )
         if (grid_h, grid_w) == (native, native):
             return table
-        key = (grid_h, grid_w, native, table.device)
+        # The interpolation settings are part of the key: they may change on a live config.
+        config = self.config
+        key = (grid_h, grid_w, native, table.device, config.interpolate_offset, config.antialias)
         resize = None if torch.compiler.is_compiling() else self._resize_cache.get(key)
         if resize is None:
             resize = (
@@ -147,6 +150,7 @@ class Dinov2SelfAttention(nn.Module):
         self.attention_head_size = config.head_dim
         self.dropout_prob = config.attention_probs_dropout_prob
         self.scaling = self.attention_head_size**-0.5
+        self.config = config
         self.query = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.key = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.value = nn.Linear(hidden, hidden, bias=config.qkv_bias)
@@ -164,7 +168,7 @@ class Dinov2SelfAttention(nn.Module):
         value = self.value(hidden_states).view(shape).transpose(1, 2)
         dropout = self.dropout_prob if self.training else 0.0
         probs = None
-        if output_attentions:
+        if output_attentions or self.config._attn_implementation == "eager":
             probs = (query @ key.transpose(-1, -2) * self.scaling).softmax(dim=-1)
             probs = F.dropout(probs, dropout, training=self.training)
             if head_scale is not None:
@@ -375,6 +379,7 @@ class Dinov2Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Dinov2Layer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_kwargs: dict[str, Any] = {"use_reentrant": False}
         self.exact_gelu = uses_exact_gelu(config)
 
     def forward(
@@ -389,7 +394,11 @@ class Dinov2Encoder(nn.Module):
         for layer, head_scale in zip(self.layer, head_mask, strict=True):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states, probs = checkpoint(
-                    layer, hidden_states, head_scale, output_attentions, use_reentrant=False
+                    layer,
+                    hidden_states,
+                    head_scale,
+                    output_attentions,
+                    **self.gradient_checkpointing_kwargs,
                 )
             else:
                 hidden_states, probs = layer(hidden_states, head_scale, output_attentions)
@@ -437,32 +446,41 @@ class Dinov2PreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, Dinov2Config):
             raise TypeError(f"config must be a dinov2_fast.Dinov2Config, got {type(config)}")
+        config.validate()  # fields may have been set since the config was built
+        if config._attn_implementation is None:
+            config._attn_implementation = "dinov2_fast"
         self.config = config
         self.backend = "auto"
+        self._input_require_grads_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # -- set-up -------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter as transformers does (truncated normal, zeros, ones)."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
+            self._init_module(module)
+
+    @torch.no_grad()
+    def _init_module(self, module: nn.Module) -> None:
+        """Initialise the parameters ``module`` holds itself (its children are separate)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, Dinov2Embeddings):
-                nn.init.trunc_normal_(module.position_embeddings, std=std)
-                nn.init.trunc_normal_(module.cls_token, std=std)
-                if module.has_mask_token:
-                    nn.init.zeros_(module.mask_token)
-                if self.config.num_register_tokens:
-                    nn.init.zeros_(module.register_tokens)
-            elif isinstance(module, Dinov2LayerScale):
-                nn.init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, Dinov2Embeddings):
+            nn.init.trunc_normal_(module.position_embeddings, std=std)
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            if module.has_mask_token:
+                nn.init.zeros_(module.mask_token)
+            if self.config.num_register_tokens:
+                nn.init.zeros_(module.register_tokens)
+        elif isinstance(module, Dinov2LayerScale):
+            nn.init.constant_(module.lambda1, self.config.layerscale_value)
 
     def set_backend(self, backend: str) -> Dinov2PreTrainedModel:
         """Choose ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``."""
@@ -529,15 +547,111 @@ class Dinov2PreTrainedModel(nn.Module):
             )
         return normed, hidden_states, None, fused
 
-    def gradient_checkpointing_enable(self) -> None:
+    # -- transformers' PreTrainedModel API ------------------------------------------------
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute each block in the backward pass (training with gradients only);
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+        (default ``{"use_reentrant": False}``, as in transformers)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         for module in self.modules():
             if isinstance(module, Dinov2Encoder):
                 module.gradient_checkpointing = True
+                module.gradient_checkpointing_kwargs = kwargs
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():
             if isinstance(module, Dinov2Encoder):
                 module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Choose the attention: ``"eager"`` (explicit softmax, on the PyTorch path),
+        ``"sdpa"`` (PyTorch's fused attention, on the PyTorch path) or ``"dinov2_fast"``
+        (the fused Triton path where it can run, the default)."""
+        self.config._attn_implementation = attn_implementation
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """DINOv2 is an encoder: never generates."""
+        return False
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The ``Dinov2Model`` inside a head (the model itself for the others)."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> Dinov2PatchEmbeddings:
+        return self._embeddings().patch_embeddings
+
+    def get_output_embeddings(self) -> None:
+        """No output embeddings: DINOv2 has no language-model head."""
+        return None
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters (those that require grad with ``only_trainable``).
+        ``exclude_embeddings`` drops ``nn.Embedding`` weights, as in transformers; DINOv2
+        has none, so the count is the same."""
+        return sum(
+            p.numel()
+            for module in self.modules()
+            if not (exclude_embeddings and isinstance(module, nn.Embedding))
+            for p in module.parameters(recurse=False)
+            if p.requires_grad or not only_trainable
+        )
+
+    def enable_input_require_grads(self) -> None:
+        """Make the patch embeddings' output require grad, so gradients reach adapters
+        (peft) through frozen layers and reentrant gradient checkpointing."""
+
+        def require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        hook = self.get_input_embeddings().register_forward_hook(require_grad)
+        self._input_require_grads_hook = hook
+
+    def disable_input_require_grads(self) -> None:
+        if self._input_require_grads_hook is not None:
+            self._input_require_grads_hook.remove()
+            self._input_require_grads_hook = None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload ``save_pretrained``'s folder to a hub repository (created if missing);
+        needs ``huggingface_hub``. Returns the hub's commit info."""
+        try:
+            from huggingface_hub import HfApi
+        except ImportError as err:
+            raise ImportError(
+                "push_to_hub needs huggingface_hub: pip install huggingface_hub"
+            ) from err
+        import tempfile
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -576,6 +690,11 @@ class Dinov2PreTrainedModel(nn.Module):
     ) -> None:
         if bool_masked_pos is None:
             return
+        if not isinstance(bool_masked_pos, torch.Tensor):
+            raise TypeError(
+                "bool_masked_pos must be a torch.Tensor of dtype bool, shape (batch, patches), "
+                f"got {type(bool_masked_pos).__name__}"
+            )
         if not self._embeddings().has_mask_token:
             raise ValueError("bool_masked_pos needs a mask token, but config.use_mask_token=False")
         patch = self.config.patch_size
@@ -586,6 +705,22 @@ class Dinov2PreTrainedModel(nn.Module):
                 f"bool_masked_pos must be a bool tensor of shape {expected} (batch, patches), got "
                 f"{bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}"
             )
+
+    def _output_flags(
+        self,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        return_dict: bool | None,
+    ) -> tuple[bool, bool, bool]:
+        """The call's output switches, ``None`` meaning the config's default (transformers)."""
+        config = self.config
+        return (
+            config.output_attentions if output_attentions is None else bool(output_attentions),
+            config.output_hidden_states
+            if output_hidden_states is None
+            else bool(output_hidden_states),
+            config.return_dict if return_dict is None else bool(return_dict),
+        )
 
     def _head_scales(self, head_mask: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Per-layer (1, H, 1, 1) multipliers from a (H,) or (layers, H) head_mask."""
@@ -673,9 +808,6 @@ class Dinov2Model(Dinov2PreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.init_weights()
 
-    def get_input_embeddings(self) -> Dinov2PatchEmbeddings:
-        return self.embeddings.patch_embeddings
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -689,12 +821,15 @@ class Dinov2Model(Dinov2PreTrainedModel):
             raise ValueError("pixel_values is required")
         self._check_pixel_values(pixel_values)
         self._check_masked_pos(bool_masked_pos, pixel_values)
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         sequence, hidden_states, attentions, _ = self._encode(
             pixel_values,
             bool_masked_pos,
             self._head_scales(head_mask),
-            bool(output_attentions),
-            bool(output_hidden_states),
+            output_attentions,
+            output_hidden_states,
         )
         out = BaseModelOutputWithPooling(
             last_hidden_state=sequence,
@@ -702,7 +837,7 @@ class Dinov2Model(Dinov2PreTrainedModel):
             hidden_states=hidden_states,
             attentions=attentions,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
 
 class Dinov2ForImageClassification(Dinov2PreTrainedModel):
@@ -734,11 +869,15 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple[torch.Tensor, ...]:
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         outputs = self.dinov2(
             pixel_values,
             head_mask=head_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         sequence = outputs.last_hidden_state
         patches = sequence[:, 1 + self.config.num_register_tokens :]
@@ -750,7 +889,7 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Regression, single- or multi-label loss, chosen as transformers chooses."""
@@ -772,8 +911,22 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels)
 
 
+class BackboneType(str, enum.Enum):
+    """transformers' backbone kinds, by value (``"transformers"``, ``"timm"``)."""
+
+    TIMM = "timm"
+    TRANSFORMERS = "transformers"
+
+
 class Dinov2Backbone(Dinov2PreTrainedModel):
-    """Feature maps of the stages named by ``config.out_features`` (``stem`` = embeddings)."""
+    """Feature maps of the stages named by ``config.out_features`` (``stem`` = embeddings).
+
+    ``out_features`` and ``out_indices`` are the config's, kept aligned as transformers keeps
+    them: setting either (here or on the config) recomputes the other.
+    """
+
+    backbone_type = BackboneType.TRANSFORMERS
+    has_attentions = True
 
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__(config)
@@ -791,16 +944,27 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
     def out_features(self) -> list[str]:
         return self.config.out_features
 
+    @out_features.setter
+    def out_features(self, out_features: list[str] | None) -> None:
+        self.config.out_features = out_features
+
     @property
     def out_indices(self) -> list[int]:
         return self.config.out_indices
 
+    @out_indices.setter
+    def out_indices(self, out_indices: list[int] | None) -> None:
+        self.config.out_indices = out_indices
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        """Channels of every stage, selected or not (transformers' ``out_feature_channels``)."""
+        return dict(zip(self.stage_names, self.num_features, strict=True))
+
     @property
     def channels(self) -> list[int]:
-        return [self.num_features[i] for i in self.out_indices]
-
-    def get_input_embeddings(self) -> Dinov2PatchEmbeddings:
-        return self.embeddings.patch_embeddings
+        channels = self.out_feature_channels
+        return [channels[name] for name in self.out_features]
 
     def forward(
         self,
@@ -810,8 +974,11 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
         return_dict: bool | None = None,
     ) -> BackboneOutput | tuple[torch.Tensor, ...]:
         self._check_pixel_values(pixel_values)
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         last_normed, hidden_states, attentions, backend = self._encode(
-            pixel_values, None, self._head_scales(None), bool(output_attentions), True
+            pixel_values, None, self._head_scales(None), output_attentions, True
         )
         batch, _, height, width = pixel_values.shape
         patch = self.config.patch_size
@@ -836,7 +1003,7 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
             hidden_states=hidden_states if output_hidden_states else None,
             attentions=attentions,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
 
 class Dinov2WithRegistersModel(Dinov2Model):

@@ -77,10 +77,10 @@ def test_for_size():
     "kwargs,message",
     [
         ({"hidden_size": 100, "num_attention_heads": 3}, "not a multiple"),
-        ({"hidden_act": "tanh"}, "hidden_act='tanh' is not supported"),
-        ({"problem_type": "ranking"}, "not a known problem type"),
+        ({"hidden_act": "tanh"}, "hidden_act='tanh' is not accepted"),
+        ({"problem_type": "ranking"}, "problem_type='ranking' is not accepted"),
         ({"num_labels": 3, "id2label": {0: "a"}}, "disagrees with id2label"),
-        ({"patch_size": (14, 14)}, "single ints"),
+        ({"patch_size": (14, 14)}, "single int"),
     ],
 )
 def test_config_errors(kwargs, message):

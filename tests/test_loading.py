@@ -172,5 +172,5 @@ def test_config_overrides_on_saved_folders(tmp_path):
     hf_model("Dinov2Backbone", out_indices=[1, 2]).save_pretrained(backbone_folder)
     backbone = dinov2_fast.Dinov2Backbone.from_pretrained(backbone_folder, out_features=["stem"])
     assert (backbone.out_features, backbone.out_indices) == (["stem"], [0])
-    with pytest.raises(TypeError, match=r"\['torch_dtype'\] are not Dinov2Config fields"):
-        dinov2_fast.Dinov2Model.from_pretrained(backbone_folder, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"\['hiden_size'\] are not Dinov2Config fields"):
+        dinov2_fast.Dinov2Model.from_pretrained(backbone_folder, hiden_size=64)
