@@ -391,12 +391,11 @@ class Dinov2Config:
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """``to_dict()`` without the fields that equal this class's defaults (``model_type``
-        always kept), as transformers' ``to_json_string()`` writes by default."""
-        defaults = type(self)().to_dict()
-        return {
-            k: v for k, v in self.to_dict().items() if k == "model_type" or defaults.get(k) != v
-        }
+        """``to_dict()`` without the fields that equal the defaults of its ``model_type``
+        (kept), as transformers' ``to_json_string()`` writes by default."""
+        config = self.to_dict()
+        defaults = Dinov2Config.from_dict({"model_type": config["model_type"]}).to_dict()
+        return {k: v for k, v in config.items() if k == "model_type" or defaults.get(k) != v}
 
     def to_json_string(self, use_diff: bool = True) -> str:
         """The config as JSON; ``use_diff=True`` writes only the fields that differ from the

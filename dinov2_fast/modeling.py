@@ -747,22 +747,35 @@ class Dinov2PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike | None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         backend: str = "auto",
-        **config_overrides: Any,
-    ) -> Dinov2PreTrainedModel:
+        **kwargs: Any,
+    ) -> Dinov2PreTrainedModel | tuple[Dinov2PreTrainedModel, dict[str, Any]]:
         """Load a transformers-format folder (or hub id) written by either library.
 
-        ``dtype=None`` keeps the checkpoint's dtype; ``config_overrides`` replace config fields
-        (e.g. ``num_labels`` for a fresh classifier head, ``out_features`` for a backbone).
+        ``dtype=None`` keeps the checkpoint's dtype; also a name (``"float16"``) or
+        ``"auto"`` (the dtype config.json records). Other keywords are config fields to
+        override (e.g. ``num_labels`` for a fresh classifier head, ``out_features`` for a
+        backbone) or transformers' loading options: ``config=`` (an object or a path),
+        ``state_dict=`` (with ``None`` as the path), ``torch_dtype``, ``device_map`` (one
+        device, ``"auto"`` or ``{"": device}``), ``attn_implementation``,
+        ``output_loading_info`` (returns ``(model, info)``), ``ignore_mismatched_sizes``,
+        the hub's ``cache_dir`` / ``force_download`` / ``local_files_only`` / ``revision`` /
+        ``token`` / ``subfolder``, and ``low_cpu_mem_usage`` (a no-op, as in transformers 5).
+        Options for quantisation, multi-device placement or other formats are refused.
         """
         from .loading import load_pretrained
 
         return load_pretrained(
-            cls, path, dtype=dtype, device=device, backend=backend, **config_overrides
+            cls,
+            pretrained_model_name_or_path,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            **kwargs,
         )
 
     @classmethod
@@ -770,7 +783,7 @@ class Dinov2PreTrainedModel(nn.Module):
         cls,
         path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         backend: str = "auto",
         **config_overrides: Any,

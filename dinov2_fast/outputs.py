@@ -1,12 +1,14 @@
 """Model outputs with transformers' field names and access rules.
 
 Fields are read as attributes, by name, or by integer index over the fields that are set
-(``None`` fields are skipped, as in transformers); ``to_tuple()`` is what ``return_dict=False``
-returns.
+(``None`` fields are skipped, as in transformers); ``keys()``, ``values()``, ``items()``,
+``get()`` and ``**`` unpacking see the same set fields, as on transformers' ``ModelOutput``;
+``to_tuple()`` is what ``return_dict=False`` returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -24,6 +26,15 @@ class ModelOutput:
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
             if key not in self.keys():
@@ -31,7 +42,7 @@ class ModelOutput:
             return getattr(self, key)
         return self.to_tuple()[key]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __len__(self) -> int:
