@@ -7,6 +7,7 @@ the input dtype before an fp32-accumulated product with v.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,8 +16,15 @@ import torch.nn.functional as F
 from _numerics import assert_close_2x
 
 from dinov2_fast import reference
+from dinov2_fast.kernels import attention
 from dinov2_fast.kernels._common import count_launches
-from dinov2_fast.kernels.attention import flash_attention
+from dinov2_fast.kernels.attention import (
+    SUPPORTED_HEAD_DIMS,
+    AttentionConfig,
+    candidate_configs,
+    flash_attention,
+    flash_attention_split,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -96,8 +104,9 @@ def _check_batched(
     *,
     scale: float | None = None,
     head_scale: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
 ) -> None:
-    out, lse = _run(qkv, heads, scale=scale, head_scale=head_scale)
+    out, lse = _run(qkv, heads, scale=scale, head_scale=head_scale, config=config)
     exact_head_scale = None if head_scale is None else head_scale.double()
     ref = reference.attention(qkv.double(), heads, scale=scale, head_scale=exact_head_scale)
     assert_close_2x(out, ref, _flash_like_attention(qkv, heads, scale, head_scale), atol=1e-5)
@@ -184,13 +193,17 @@ def _check_varlen(
     *,
     head_scale: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    config: AttentionConfig | None = None,
 ) -> None:
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + length)
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
     qkv = _packed_qkv(1, bounds[-1], heads, head_dim, dtype)[0]
-    out, lse = _run(qkv, heads, head_scale=head_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    out, lse = _run(
+        qkv, heads, head_scale=head_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        config=config,
+    )  # fmt: skip
     exact_head_scale = None if head_scale is None else head_scale.double()
     ref = reference.attention(
         qkv.double(), heads, head_scale=exact_head_scale, cu_seqlens=cu_seqlens
@@ -303,6 +316,177 @@ def test_rejects_2d_cu_seqlens():
     bounds = torch.tensor([[0, 10]], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="1-D"):
         flash_attention(_varlen_qkv(), 2, cu_seqlens=bounds)
+
+
+# Explicit configs: what a planner may time, each run exactly as given.
+
+# (config, head_dim) for every candidate of every architecture: 64 for the 64-wide lists,
+# 128 for the 128-wide ones.
+_CANDIDATE_RUNS = sorted(
+    {
+        (config, 64 if head_dim <= 64 else 128)
+        for arch in (80, 90)
+        for head_dim in SUPPORTED_HEAD_DIMS
+        for config in candidate_configs(arch, head_dim)
+    },
+    key=lambda run: (run[1], run[0].name),
+)
+
+
+class _LaunchSpy:
+    """Stands in for the kernel object: records each launch's grid and keywords."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    ("config", "head_dim"), _CANDIDATE_RUNS, ids=[f"{c.name}-d{d}" for c, d in _CANDIDATE_RUNS]
+)
+def test_every_candidate_config_runs_as_given(config, head_dim, monkeypatch):
+    # 300 tokens: full key blocks, then a tail of 44 keys (several tail_n steps, the last
+    # partial) and a last query block of 44 rows for every block size in the lists.
+    spy = _LaunchSpy(attention._attention_fwd_kernel)
+    monkeypatch.setattr(attention, "_attention_fwd_kernel", spy)
+    heads, tokens = 2, 300
+    _check_batched(_packed_qkv(1, tokens, heads, head_dim, torch.float16), heads, config=config)
+    ((grid, kwargs),) = spy.launches
+    assert grid == (heads, math.ceil(tokens / config.block_m))
+    given = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TAIL_N": config.tail_n}
+    assert {k: kwargs[k] for k in given} == given
+    assert (kwargs["num_warps"], kwargs["num_stages"]) == (config.num_warps, config.num_stages)
+
+
+def test_config_names_round_trip():
+    for config, _ in _CANDIDATE_RUNS:
+        assert AttentionConfig.from_name(config.name) == config
+    config = AttentionConfig(64, 64, 16, 4, 3)
+    assert config.name == "m64n64t16w4s3"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.block_m = 128
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "m64n64t16w4", "m64n64t16w4s3x", "M64n64t16w4s3", "m064n64t16w4s3", "m63n64t16w4s3",
+     "m64n64t128w4s3", "m64n64t8w4s3", "m64n64t16w3s3", "m64n64t16w4s0", 643],
+)  # fmt: skip
+def test_bad_config_names_are_refused(name):
+    with pytest.raises(ValueError, match="config name|power of two|tail_n|num_"):
+        AttentionConfig.from_name(name)
+
+
+def test_candidate_configs_per_arch():
+    for head_dim in SUPPORTED_HEAD_DIMS:
+        for arch, served_by in [(80, 80), (86, 80), (89, 80), (90, 90), (100, 90), (70, 80)]:
+            configs = candidate_configs(arch, head_dim)
+            assert configs == candidate_configs(served_by, head_dim)
+            assert configs and len(set(configs)) == len(configs)
+            assert all(isinstance(c, AttentionConfig) for c in configs)
+    # Defaults lead: today's 128x64 tile, now with a 16-wide tail.
+    assert candidate_configs(90, 64)[0] == AttentionConfig(128, 64, 16, 4, 3)
+    assert any(c.block_m == 64 for c in candidate_configs(90, 64))
+    with pytest.raises(ValueError, match="head_dim 40"):
+        candidate_configs(90, 40)
+
+
+def test_a_given_config_reaches_the_interpreter_unchanged_on_varlen():
+    config = AttentionConfig(128, 32, 16, 8, 2)
+    _check_varlen([70, 1, 130, 17], 2, 64, torch.float16, config=config)
+
+
+def test_batched_launch_reads_nothing_back_from_the_device(monkeypatch):
+    """A steady-state launch never syncs: no .tolist() or .item() on the host path."""
+    qkv = _packed_qkv(2, 17, 2, 64, torch.float16)
+    flash_attention(qkv, 2)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a device tensor")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    flash_attention(qkv, 2)
+    q, k, v = _split(qkv, 2)
+    flash_attention_split(q, k, v)
+
+
+# Separate q, k, v: transformers' (B, H, N, Dh) views of three projections, read in place.
+
+
+def _split_views(batch, tokens, heads, head_dim, dtype):
+    """(B, H, N, Dh) views of three (B, N, H*Dh) projections, as transformers makes them."""
+    return tuple(
+        torch.randn(batch, tokens, heads * head_dim, device=DEVICE)
+        .to(dtype)
+        .unflatten(-1, (heads, head_dim))
+        .transpose(1, 2)
+        for _ in range(3)
+    )
+
+
+def _check_split(query, key, value, *, head_scale=None, config=None):
+    batch, heads, tokens, head_dim = query.shape
+    out = _poisoned((batch, tokens, heads, head_dim), query.dtype)
+    lse = _poisoned((batch, heads, tokens), torch.float32)
+    with count_launches() as launches:
+        flash_attention_split(query, key, value, head_scale=head_scale, out=out, lse=lse)
+    assert launches == {"attention": 1}
+    # The packed twin of the same q, k, v is the yardstick (a copy made by the test only).
+    qkv = torch.cat([t.transpose(1, 2).flatten(2) for t in (query, key, value)], dim=-1)
+    exact_head_scale = None if head_scale is None else head_scale.double()
+    ref = reference.attention(qkv.double(), heads, head_scale=exact_head_scale)
+    expected = _flash_like_attention(qkv, heads, None, head_scale)
+    assert_close_2x(out.flatten(2), ref, expected, atol=1e-5)
+    _assert_lse_close(lse, _reference_lse(qkv, heads, None))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dtype"),
+    [(1, torch.float32), (17, torch.float16), (261, torch.float16), (257, torch.bfloat16)],
+    ids=["N1-fp32", "N17-fp16", "N261-fp16", "N257-bf16"],
+)
+def test_split_matches_reference(tokens, dtype):
+    _check_split(*_split_views(2, tokens, 3, 64, dtype))
+
+
+def test_split_takes_three_different_layouts_and_head_scale():
+    batch, heads, tokens, head_dim = 2, 3, 70, 48
+    query = torch.randn(batch, heads, tokens, head_dim, device=DEVICE)  # contiguous (B,H,N,Dh)
+    key = torch.randn(tokens, batch, heads, head_dim, device=DEVICE).permute(1, 2, 0, 3)
+    value = torch.randn(2 * batch, heads, tokens + 5, head_dim, device=DEVICE)[::2, :, 5:]
+    head_scale = torch.rand(batch, heads, device=DEVICE)
+    _check_split(query, key, value, head_scale=head_scale)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        (lambda q: (q, q, q[:, :, :-1]), "of one shape"),
+        (lambda q: (q, q.half(), q), "share a dtype"),
+        (lambda q: (q[0], q[0], q[0]), "of one shape"),
+        (lambda q: (q.transpose(2, 3).contiguous().transpose(2, 3),) * 3, "last dim"),
+    ],
+    ids=["shape", "dtype", "3d", "strided-last-dim"],
+)
+def test_split_rejects_bad_inputs(tensors, match):
+    query = torch.randn(2, 2, 17, 64, device=DEVICE)
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attention_split(*tensors(query))
+
+
+def test_non_contiguous_cu_seqlens_are_read_by_value():
+    every_other = torch.tensor([0, 99, 4, 99, 10], dtype=torch.int32, device=DEVICE)[::2]
+    qkv = _varlen_qkv()
+    out, _ = _run(qkv, 2, cu_seqlens=every_other)
+    expected, _ = flash_attention(qkv, 2, cu_seqlens=every_other.contiguous())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 # Tier 3: natively on a GPU, the model's shapes in bf16/fp16, cross-checked against SDPA.

@@ -1,9 +1,18 @@
-"""Flash-attention forward on the packed QKV projection (non-causal, optional varlen).
+"""Flash-attention forward (non-causal, optional varlen) on strided q, k and v.
 
-q, k and v are read by strides straight out of the QKV GEMM output, viewed as
-(B, N, 3, H, Dh), and the result is written as (B, N, H*Dh) for the output projection:
-no transposes, no copies. Scores never leave registers; softmax statistics are fp32 and
-the log-sum-exp is stored for a later backward.
+q, k and v are read through their own pointers and (batch, token, head) strides: the packed
+QKV GEMM output (B, N, 3*H*Dh) passes three views of itself, transformers' (B, H, N, Dh)
+projections pass themselves; either way no transposes and no copies. The result is written
+as (B, N, H*Dh) for the output projection. Scores never leave registers; softmax statistics
+are fp32 and the log-sum-exp is stored for a later backward.
+
+Keys are folded BLOCK_N at a time with unmasked loads; the ragged rest of the sequence
+(N mod BLOCK_N keys) is folded TAIL_N at a time with masked loads, so the 257 tokens of a
+224 px image pay for 16 masked keys rather than a whole 64-wide block for one valid key.
+
+Launch configurations are explicit ``AttentionConfig`` values: ``candidate_configs`` lists
+those that compile clean for an architecture and head_dim (a planner times them on the
+user's GPU); without one, Triton's autotuner picks among the same candidates.
 
 Why no TMA descriptors on sm_90 (a judgement, not a measurement: no GPU was lent while this
 was written). A descriptor needs 16-byte-aligned strides, which arbitrary strided qkv does
@@ -19,30 +28,89 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from ..reference import check_attention_inputs, check_split_attention_inputs
 from ._common import (
     KernelSpec,
     check_no_shared_storage,
     device_arch,
-    divisibility_attrs,
     interpreting,
     nearest_arch,
     record_launch,
 )
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "compile_specs", "flash_attention"]
+__all__ = [
+    "SUPPORTED_HEAD_DIMS",
+    "AttentionConfig",
+    "candidate_configs",
+    "compile_specs",
+    "flash_attention",
+    "flash_attention_split",
+]
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = math.log2(math.e)
+_CONFIG_NAME = re.compile(r"m([1-9]\d*)n([1-9]\d*)t([1-9]\d*)w([1-9]\d*)s([1-9]\d*)")
 
-# Interpreter blocks: large enough to keep the program count low, small enough that the
-# test shapes exercise several full key blocks followed by a masked tail.
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One launch configuration of the attention kernel.
+
+    Each program takes ``block_m`` queries of one (sequence, head) and folds its keys in
+    ``block_n``-wide unmasked steps, then the ragged rest ``tail_n`` at a time, masked.
+    ``name`` (e.g. ``"m64n64t16w4s3"``) is stable, short and parsed back by ``from_name``.
+    """
+
+    block_m: int
+    block_n: int
+    tail_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for field_name in ("block_m", "block_n", "tail_n"):
+            value = getattr(self, field_name)
+            # tl.dot needs every dimension >= 16; tl.arange needs powers of two.
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{field_name} must be a power of two >= 16, got {value!r}")
+        if self.tail_n > self.block_n:
+            raise ValueError(f"tail_n {self.tail_n} may not exceed block_n {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages must be a positive int, got {self.num_stages!r}")
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{self.block_n}t{self.tail_n}w{self.num_warps}s{self.num_stages}"
+
+    @classmethod
+    def from_name(cls, name: str) -> AttentionConfig:
+        """The config whose ``name`` is ``name``; ValueError for anything else."""
+        match = _CONFIG_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise ValueError(
+                f"{name!r} is not an attention config name: expected "
+                "m<block_m>n<block_n>t<tail_n>w<num_warps>s<num_stages>, e.g. 'm64n64t16w4s3'"
+            )
+        return cls(*map(int, match.groups()))
+
+    def _meta(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TAIL_N": self.tail_n}
+
+
+# Interpreter default: blocks large enough to keep the program count low, small enough that
+# the test shapes exercise several full key blocks followed by a masked tail.
+_INTERPRETER_CONFIG = AttentionConfig(64, 64, 16, 4, 1)
 
 
 @triton.jit
@@ -55,7 +123,8 @@ def _attend_key_block(
     v_ptrs,
     start_n,
     seq_len,
-    stride_token,
+    stride_k_token,
+    stride_v_token,
     qk_scale_log2,
     d_mask,
     BLOCK_N: tl.constexpr,
@@ -66,17 +135,18 @@ def _attend_key_block(
 ):
     """Fold one block of keys/values into the running (acc, row_sum, row_max) of the queries."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    block_offset = start_n * stride_token
+    k_block = k_ptrs + tl.cast(start_n, tl.int64) * stride_k_token
+    v_block = v_ptrs + tl.cast(start_n, tl.int64) * stride_v_token
     if MASK_KEYS:
         kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptrs + block_offset, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + block_offset, mask=kv_mask, other=0.0)
+        k = tl.load(k_block, mask=kv_mask, other=0.0)
+        v = tl.load(v_block, mask=kv_mask, other=0.0)
     elif PAD_D:
-        k = tl.load(k_ptrs + block_offset, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptrs + block_offset, mask=d_mask[None, :], other=0.0)
+        k = tl.load(k_block, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_block, mask=d_mask[None, :], other=0.0)
     else:
-        k = tl.load(k_ptrs + block_offset)
-        v = tl.load(v_ptrs + block_offset)
+        k = tl.load(k_block)
+        v = tl.load(v_block)
     if UPCAST_DOT:
         k = k.to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -96,21 +166,36 @@ def _attend_key_block(
     return acc, row_sum, new_max
 
 
-@triton.jit
+# Integer arguments the JIT must not specialise: they never decide vectorisation, and
+# specialising them (divisible by 16 or not, 1 or not) would compile one more kernel per
+# token count, head count or grid size.
+_UNSPECIALIZED_ARGS = ("max_seqlen", "num_tokens", "num_heads", "work_bucket")
+
+
+@triton.jit(do_not_specialize=_UNSPECIALIZED_ARGS)
 def _attention_fwd_kernel(
-    qkv_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
     out_ptr,
     lse_ptr,
     head_scale_ptr,
     cu_seqlens_ptr,
     qk_scale_log2,
     max_seqlen,
+    num_tokens,
     num_heads,
-    stride_qkv_batch,
-    stride_qkv_token,
+    stride_q_batch,
+    stride_q_token,
+    stride_q_head,
+    stride_k_batch,
+    stride_k_token,
+    stride_k_head,
+    stride_v_batch,
+    stride_v_token,
+    stride_v_head,
     stride_out_batch,
     stride_out_token,
-    stride_lse_head,
     stride_head_scale_batch,
     stride_head_scale_head,
     work_bucket,
@@ -118,6 +203,7 @@ def _attention_fwd_kernel(
     BLOCK_DMODEL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_HEAD_SCALE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -126,7 +212,8 @@ def _attention_fwd_kernel(
     """One program: BLOCK_M queries of one (batch or sequence, head) against all its keys.
 
     Grid: (batch*heads or sequences*heads, query blocks). Axis 0 allows 2^31 - 1 programs;
-    axes 1 and 2 stop at 65535.
+    axes 1 and 2 stop at 65535. num_tokens is the token count of one batch row (the total
+    with VARLEN); lse is contiguous, so it is also lse's head stride.
     """
     # Programs start in launch order, axis 0 fastest. Re-deal the ids so that the query
     # blocks of one head run side by side and share its K/V tiles in L2 instead of each
@@ -138,63 +225,77 @@ def _attention_fwd_kernel(
     seq_idx = pid_bh // num_heads
     head = pid_bh % num_heads
     if VARLEN:
-        seq_start = tl.load(cu_seqlens_ptr + seq_idx)
-        seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
-        # qkv/out are (total, width): a sequence starts at a token, not a batch stride.
-        qkv_base = qkv_ptr + seq_start.to(tl.int64) * stride_qkv_token
-        out_base = out_ptr + seq_start.to(tl.int64) * stride_out_token
-        lse_base = lse_ptr + head.to(tl.int64) * stride_lse_head + seq_start
+        # Clamped into [0, num_tokens] and max_seqlen: bounds the host did not read (under
+        # CUDA-graph capture) cannot make a program touch memory outside the tensors.
+        seq_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seq_idx), 0), num_tokens)
+        seq_end = tl.minimum(tl.load(cu_seqlens_ptr + seq_idx + 1), num_tokens)
+        seq_len = tl.minimum(seq_end - seq_start, max_seqlen)
+        # q/k/v/out are (total, ...): a sequence starts at a token, not a batch stride.
+        first_token = seq_start.to(tl.int64)
+        q_base = q_ptr + first_token * stride_q_token
+        k_base = k_ptr + first_token * stride_k_token
+        v_base = v_ptr + first_token * stride_v_token
+        out_base = out_ptr + first_token * stride_out_token
+        lse_base = lse_ptr + head.to(tl.int64) * num_tokens + first_token
     else:
         # Batched: every sequence is max_seqlen long.
         seq_len = max_seqlen
-        qkv_base = qkv_ptr + seq_idx.to(tl.int64) * stride_qkv_batch
-        out_base = out_ptr + seq_idx.to(tl.int64) * stride_out_batch
-        lse_base = lse_ptr + pid_bh.to(tl.int64) * stride_lse_head
+        batch = seq_idx.to(tl.int64)
+        q_base = q_ptr + batch * stride_q_batch
+        k_base = k_ptr + batch * stride_k_batch
+        v_base = v_ptr + batch * stride_v_batch
+        out_base = out_ptr + batch * stride_out_batch
+        lse_base = lse_ptr + pid_bh.to(tl.int64) * num_tokens
     block_start = pid_m * BLOCK_M
     # Varlen grids are sized for the longest sequence; shorter ones have nothing here.
     if block_start >= seq_len:
         return
 
-    stride_token = stride_qkv_token.to(tl.int64)
+    head_offset = head.to(tl.int64)
+    q_base += head_offset * stride_q_head
+    k_base += head_offset * stride_k_head
+    v_base += head_offset * stride_v_head
+    out_base += head_offset * HEAD_DIM
+    block_first = block_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_DMODEL)
     d_mask = offs_d < HEAD_DIM
     row_mask = (block_start + offs_m) < seq_len
-    q_col = head * HEAD_DIM
-    k_col = (num_heads + head) * HEAD_DIM
-    v_col = (2 * num_heads + head) * HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_DMODEL != HEAD_DIM
 
     # Offsets inside one block stay int32 (BLOCK * stride < 2^31 for any real layout); the
     # block and sequence starts, which can pass 2^31 elements, are int64.
     q_ptrs = (
-        qkv_base
-        + block_start * stride_token
-        + offs_m[:, None] * stride_qkv_token
-        + (q_col + offs_d)[None, :]
+        q_base + block_first * stride_q_token + offs_m[:, None] * stride_q_token + offs_d[None, :]
     )
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
-    k_ptrs = qkv_base + offs_n[:, None] * stride_qkv_token + (k_col + offs_d)[None, :]
-    v_ptrs = qkv_base + offs_n[:, None] * stride_qkv_token + (v_col + offs_d)[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_DMODEL], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    PAD_D: tl.constexpr = BLOCK_DMODEL != HEAD_DIM
 
-    # Full key blocks take unmasked loads; only the ragged last block pays for the masks.
+    # Full key blocks take unmasked loads; only the ragged rest pays for the masks, in
+    # TAIL_N-wide steps.
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None] * stride_k_token + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_v_token + offs_d[None, :]
     full_end = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, row_sum, row_max = _attend_key_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, seq_len, stride_token,
-            qk_scale_log2, d_mask, BLOCK_N, False, PAD_D, UPCAST_DOT, DOT_PRECISION,
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, seq_len, stride_k_token,
+            stride_v_token, qk_scale_log2, d_mask, BLOCK_N, False, PAD_D, UPCAST_DOT,
+            DOT_PRECISION,
         )  # fmt: skip
-    if full_end < seq_len:
+    offs_tail = tl.arange(0, TAIL_N)
+    k_tail_ptrs = k_base + offs_tail[:, None] * stride_k_token + offs_d[None, :]
+    v_tail_ptrs = v_base + offs_tail[:, None] * stride_v_token + offs_d[None, :]
+    for start_n in range(full_end, seq_len, TAIL_N):
         acc, row_sum, row_max = _attend_key_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, full_end, seq_len, stride_token,
-            qk_scale_log2, d_mask, BLOCK_N, True, PAD_D, UPCAST_DOT, DOT_PRECISION,
+            acc, row_sum, row_max, q, k_tail_ptrs, v_tail_ptrs, start_n, seq_len,
+            stride_k_token, stride_v_token, qk_scale_log2, d_mask, TAIL_N, True, PAD_D,
+            UPCAST_DOT, DOT_PRECISION,
         )  # fmt: skip
 
     out_scale = 1.0 / row_sum
@@ -206,9 +307,9 @@ def _attention_fwd_kernel(
     out = acc * out_scale[:, None]
     out_ptrs = (
         out_base
-        + block_start * stride_out_token.to(tl.int64)
+        + block_first * stride_out_token
         + offs_m[:, None] * stride_out_token
-        + (q_col + offs_d)[None, :]
+        + offs_d[None, :]
     )
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     # row_max and row_sum live in the log2 domain of the scaled scores; lse is natural-log.
@@ -216,58 +317,69 @@ def _attention_fwd_kernel(
     tl.store(lse_base + block_start + offs_m, lse, mask=row_mask)
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages
-    )
+def _config_width(head_dim: int) -> int:
+    """The padded head width a candidate list serves: 64 (head_dim <= 64) or 128."""
+    return 64 if head_dim <= 64 else 128
 
 
-# Autotune lists per (architecture, padded head dim up to 64 / 128), each led by its default.
-# Every entry compiles for fp16 and bf16 without spills or local memory and within shared
-# memory (kernels/report.py checks them all). Shapes that spill were dropped: on sm_80 a
-# BLOCK_M of 64 against 128-wide heads makes Triton split the MMA warps along columns, and
-# BLOCK_N 128 with 4 warps overflows the register file everywhere.
-_CONFIGS: dict[tuple[int, int], list[triton.Config]] = {
-    (80, 64): [
-        _config(128, 64, 4, 3),
-        _config(64, 64, 4, 3),
-        _config(128, 32, 4, 3),
-        _config(128, 64, 8, 3),
-        _config(128, 128, 8, 2),
-    ],
-    (80, 128): [
-        _config(128, 32, 8, 3),
-        _config(128, 64, 8, 3),
-        _config(128, 32, 8, 2),
-    ],
-    (90, 64): [
-        _config(128, 64, 4, 3),
-        _config(128, 128, 8, 3),
-        _config(128, 64, 8, 3),
-        _config(64, 64, 4, 3),
-        _config(128, 64, 4, 4),
-        _config(128, 128, 8, 2),
-    ],
-    (90, 128): [
-        _config(128, 64, 8, 3),
-        _config(128, 64, 8, 2),
-        _config(64, 64, 4, 3),
-    ],
+_ARCHES = (80, 90)
+# Candidates per (architecture, padded head width), each led by its default. Every entry
+# compiles for fp16 and bf16 and every signature the model launches without spills or
+# local memory, within shared memory, and with wgmma on sm_90 (kernels/report.py checks
+# them all). Short sequences (N ~ 257-261 at 224 px) want BLOCK_M 64 (a third 128-row query
+# block would hold one valid row) and a 16-wide tail; long ones (1370+) the 128-row blocks
+# and 128-wide key steps. The tail_n == block_n entries fold the tail as one masked block,
+# as the kernel did before tails were narrow. Dropped because they spill: BLOCK_N 128 with
+# 4 warps everywhere; on sm_80 BLOCK_M 64 against 128-wide heads (Triton splits the MMA
+# warps along columns), and m128n64t64w4s3 (the old default: its pipelined 64-wide tail
+# loop spills 8-24 B at 255 registers, where the 16-wide tail fits in 255 without).
+_C = AttentionConfig
+_CANDIDATES: dict[tuple[int, int], tuple[AttentionConfig, ...]] = {
+    (80, 64): (
+        _C(128, 64, 16, 4, 3),
+        _C(64, 64, 16, 4, 3),
+        _C(64, 32, 16, 4, 3),
+        _C(128, 32, 16, 4, 3),
+        _C(128, 64, 16, 8, 3),
+        _C(128, 128, 16, 8, 2),
+    ),
+    (80, 128): (
+        _C(128, 32, 16, 8, 3),
+        _C(128, 64, 16, 8, 3),
+        _C(128, 32, 16, 8, 2),
+        _C(128, 32, 32, 8, 3),
+    ),
+    (90, 64): (
+        _C(128, 64, 16, 4, 3),
+        _C(64, 64, 16, 4, 3),
+        _C(128, 128, 16, 8, 3),
+        _C(128, 64, 16, 8, 3),
+        _C(128, 64, 16, 4, 4),
+        _C(128, 128, 16, 8, 2),
+        _C(128, 64, 64, 4, 3),
+    ),
+    (90, 128): (
+        _C(128, 64, 16, 8, 3),
+        _C(64, 64, 16, 4, 3),
+        _C(128, 64, 16, 8, 2),
+        _C(128, 64, 64, 8, 3),
+    ),
 }
+del _C
 
-
-_BLOCKS = [
-    (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    for configs in (*_CONFIGS.values(), [_INTERPRETER_CONFIG])
-    for config in configs
-]
+_ALL_CONFIGS = {config for configs in _CANDIDATES.values() for config in configs}
 # Query blocks go on grid axis 1, which CUDA caps at 65535.
-_MAX_TOKENS = 65535 * min(m for m, _ in _BLOCKS)
-_MAX_BLOCK = max(max(block) for block in _BLOCKS)
+_MAX_TOKENS = 65535 * min(c.block_m for c in (*_ALL_CONFIGS, _INTERPRETER_CONFIG))
+# Offsets inside one block are int32: a token stride times this must stay below 2^31.
+_MAX_BLOCK = max(max(c.block_m, c.block_n) for c in (*_ALL_CONFIGS, _INTERPRETER_CONFIG))
 
 
-def _config_width(block_dmodel: int) -> int:
-    return 64 if block_dmodel <= 64 else 128
+def candidate_configs(arch: int, head_dim: int) -> tuple[AttentionConfig, ...]:
+    """Every config a planner may time for ``head_dim`` on sm_<arch> (80 -> 80, 86 -> 80,
+    90 and newer -> 90), the default first. All compile clean for that architecture."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
+    return _CANDIDATES[(nearest_arch(_ARCHES, arch), _config_width(head_dim))]
 
 
 @functools.cache
@@ -277,72 +389,190 @@ def _tuned_kernel(arch: int, width: int) -> triton.runtime.Autotuner:
     # tune once per distinct max_seqlen.
     # cache_results keeps the choice on disk, so a new process does not re-tune.
     # work_bucket (the grid's size, bucketed) keeps a batch-1 winner from serving a full batch.
+    configs = [
+        triton.Config(c._meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in _CANDIDATES[(arch, width)]
+    ]
     return triton.autotune(
-        configs=_CONFIGS[(arch, width)],
-        key=["HEAD_DIM", "max_seqlen", "work_bucket"],
-        cache_results=True,
+        configs=configs, key=["HEAD_DIM", "max_seqlen", "work_bucket"], cache_results=True
     )(_attention_fwd_kernel)
 
 
-def _check_cu_seqlens_values(bounds: list[int], total: int, max_seqlen: int | None) -> None:
-    if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(
-            f"cu_seqlens must start at 0 and end at total={total}, got {bounds[0]}..{bounds[-1]}"
-        )
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    if min(lengths) < 0:
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
-        # The grid is sized by max_seqlen: a longer sequence would be left partly unwritten.
-        raise ValueError(f"a sequence has {max(lengths)} tokens, more than max_seqlen={max_seqlen}")
+@functools.cache
+def _arch(device: torch.device) -> int:
+    return nearest_arch(_ARCHES, device_arch(device))
 
 
-def _validate(
-    qkv: torch.Tensor,
-    num_heads: int,
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch of the kernel, before a config is chosen: what both the launcher and the
+    compile report (``compile_specs``) take, so the report compiles what runs."""
+
+    args: tuple
+    constexprs: dict[str, Any]
+    programs: int  # grid axis 0: sequences x heads
+    max_seqlen: int
+
+
+def _prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qkv_strides: tuple[int, ...],
+    out: torch.Tensor,
+    out_strides: tuple[int, int],
+    lse: torch.Tensor,
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    max_seqlen: int | None,
-) -> int:
-    """Check the inputs and return head_dim."""
-    expected_ndim = 3 if cu_seqlens is None else 2
-    if qkv.dim() != expected_ndim:
-        layout = "(B, N, 3*H*Dh)" if cu_seqlens is None else "(total, 3*H*Dh) with cu_seqlens"
-        raise ValueError(f"qkv must be {layout}, got shape {tuple(qkv.shape)}")
-    if qkv.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"qkv dtype {qkv.dtype} unsupported; use float16, bfloat16 or float32")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be positive, got {num_heads}")
-    width = qkv.shape[-1]
-    if width % (3 * num_heads):
-        raise ValueError(f"qkv width {width} is not divisible by 3*num_heads = {3 * num_heads}")
-    head_dim = width // (3 * num_heads)
+    scale: float,
+    num_heads: int,
+    head_dim: int,
+    groups: int,
+    max_seqlen: int,
+    num_tokens: int,
+) -> _Launch:
+    """The kernel's arguments: q, k, v with (batch, token, head) strides each (qkv_strides),
+    out with (batch, token) strides (heads at Dh), and the constexpr flags."""
+    if head_scale is None:
+        head_scale_strides = (0, 0)
+    elif head_scale.dim() == 1:
+        head_scale_strides = (0, head_scale.stride(0))
+    else:
+        head_scale_strides = head_scale.stride()
+    programs = groups * num_heads
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        head_scale,
+        cu_seqlens,
+        scale * _LOG2E,
+        max_seqlen,
+        num_tokens,
+        num_heads,
+        *qkv_strides,
+        *out_strides,
+        *head_scale_strides,
+        min(_next_power_of_2(programs * -(-max_seqlen // 128)), 1 << 14),
+    )
+    dtype = q.dtype
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_DMODEL": _next_power_of_2(head_dim),
+        "VARLEN": cu_seqlens is not None,
+        "HAS_HEAD_SCALE": head_scale is not None,
+        # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton #11584).
+        "UPCAST_DOT": dtype == torch.bfloat16 and interpreting(),
+        # fp32 inputs get exact products, as PyTorch's fp32 attention does; 16-bit operands
+        # ignore the setting.
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+    return _Launch(args, constexprs, programs, max_seqlen)
+
+
+def _run(launch: _Launch, device: torch.device, config: AttentionConfig | None) -> None:
+    record_launch("attention")
+    if config is None and interpreting():
+        config = _INTERPRETER_CONFIG
+    if config is not None:
+        grid = (launch.programs, -(-launch.max_seqlen // config.block_m))
+        _attention_fwd_kernel[grid](
+            *launch.args, **launch.constexprs, **config._meta(),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return
+    programs, max_seqlen = launch.programs, launch.max_seqlen
+    kernel = _tuned_kernel(_arch(device), _config_width(launch.constexprs["HEAD_DIM"]))
+    kernel[lambda meta: (programs, -(-max_seqlen // meta["BLOCK_M"]))](
+        *launch.args, **launch.constexprs
+    )
+
+
+def _packed_launch(
+    qkv: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    scale: float,
+    head_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> _Launch:
+    """The launch for packed qkv: three views of it, no copy."""
+    width = num_heads * head_dim
+    q, k, v = qkv.split(width, dim=-1)
+    varlen = cu_seqlens is not None
+    batch_stride = 0 if varlen else qkv.stride(0)
+    token_stride = qkv.stride(-2)
+    strides = (batch_stride, token_stride, head_dim) * 3
+    out_strides = (0 if varlen else out.stride(0), out.stride(-2))
+    groups = cu_seqlens.shape[0] - 1 if varlen else qkv.shape[0]
+    return _prepare(
+        q, k, v, strides, out, out_strides, lse, head_scale, cu_seqlens, scale, num_heads,
+        head_dim, groups, max_seqlen, qkv.shape[-2],
+    )  # fmt: skip
+
+
+def _check_kernel_inputs(
+    tensors: tuple[torch.Tensor, ...], head_dim: int, scale: float | None
+) -> float:
+    """What only the kernel needs (the reference takes any of these); returns the scale."""
+    dtype = tensors[0].dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} unsupported; use float16, bfloat16 or float32")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
-    if qkv.stride(-1) != 1:
-        raise ValueError("qkv must be contiguous in its last dimension")
-    if cu_seqlens is not None:
-        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"cu_seqlens must be 1-D int32 of length S+1 >= 2, got {cu_seqlens.dtype} "
-                f"shape {tuple(cu_seqlens.shape)}"
-            )
-        if cu_seqlens.device != qkv.device:
-            raise ValueError("cu_seqlens must be on the same device as qkv")
-        # Reading the values syncs the device, which CUDA-graph capture forbids.
-        if not (qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_cu_seqlens_values(cu_seqlens.tolist(), qkv.shape[0], max_seqlen)
-    if head_scale is not None:
-        groups = qkv.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        allowed = [(num_heads,), (groups, num_heads)]
-        if tuple(head_scale.shape) not in allowed:
-            raise ValueError(
-                f"head_scale must have shape {allowed[0]} or {allowed[1]}, "
-                f"got {tuple(head_scale.shape)}"
-            )
-        if not head_scale.is_floating_point() or head_scale.device != qkv.device:
-            raise ValueError("head_scale must be a floating-point tensor on qkv's device")
-    return head_dim
+    for t in tensors:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError("the attention kernel needs inputs contiguous in the last dim")
+        if t.dim() > 1 and t.stride(-2) * _MAX_BLOCK >= 2**31:
+            # Offsets inside one block are int32; only an exotic layout gets this far.
+            raise ValueError(f"token stride {t.stride(-2)} is too large; use a denser layout")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not 0 < scale < math.inf:
+        # The kernel takes the row maximum before scaling, which needs a positive scale.
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
+def _output(
+    out: torch.Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    like: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """``out`` checked (shape, dtype, heads at stride Dh, no overlap with inputs), or new."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    head_dim = like.shape[-1] if like.dim() == 4 else None
+    if (
+        tuple(out.shape) != shape
+        or out.dtype != dtype
+        or out.stride(-1) != 1
+        or (head_dim is not None and out.stride(-2) != head_dim)
+    ):
+        raise ValueError(f"out must be {shape} {dtype} with a contiguous last dim")
+    if out.stride(-3 if head_dim else -2) * _MAX_BLOCK >= 2**31:
+        raise ValueError("out's token stride is too large; use a denser out")
+    check_no_shared_storage(out, inputs)
+    return out
+
+
+def _lse(lse: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if lse is None:
+        return torch.empty(shape, dtype=torch.float32, device=like.device)
+    if tuple(lse.shape) != shape or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {shape}")
+    return lse
 
 
 def flash_attention(
@@ -355,180 +585,249 @@ def flash_attention(
     *,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention on the packed QKV projection; returns (out, lse).
 
-        qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
-        (B, N, H*Dh) and lse (fp32, natural log) is (B, H, N). With cu_seqlens (int32 (S+1,),
-        from 0) qkv is (total, 3*H*Dh), each sequence attends within itself, out is
-        (total, H*Dh) and lse is (H, total); max_seqlen is required under CUDA-graph capture
-    (otherwise it is computed on the host). float32 is exact and meant for the interpreter: on
-    CUDA its tiles spill (ops.attention sends it to SDPA).
-        head_scale, (H,) or (B, H) ((S, H) with cu_seqlens), multiplies each head's output.
-        scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
-        when given, receive the results.
+    qkv is (B, N, 3*H*Dh) viewed as (B, N, 3, H, Dh), any strides in B and N; out is
+    (B, N, H*Dh) and lse (fp32, natural log) is (B, H, N). With cu_seqlens (integer
+    (S+1,), from 0; int32 for the kernel) qkv is (total, 3*H*Dh), each sequence attends
+    within itself, out is (total, H*Dh) and lse is (H, total). Outside CUDA-graph capture
+    cu_seqlens is read on the host to validate it (and to find max_seqlen when not given);
+    under capture it is not read, max_seqlen is required, and bounds that were wrong leave
+    rows unwritten but never touch memory outside the tensors. float32 is exact and meant
+    for the interpreter: on CUDA its tiles spill (ops.attention sends it to SDPA).
+    head_scale, (H,) or (B, H) ((S, H) with cu_seqlens), multiplies each head's output.
+    scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
+    when given, receive the results. ``config`` launches that configuration as given;
+    None lets Triton's autotuner pick among ``candidate_configs`` (a fixed config under the
+    interpreter).
     """
-    head_dim = _validate(qkv, num_heads, head_scale, cu_seqlens, max_seqlen)
-    varlen = cu_seqlens is not None
+    capturing = qkv.is_cuda and torch.cuda.is_current_stream_capturing()
+    head_dim, bounds = check_attention_inputs(
+        qkv, num_heads, head_scale, cu_seqlens, max_seqlen, read_bounds=not capturing
+    )
+    scale = _check_kernel_inputs((qkv,), head_dim, scale)
     tokens = qkv.shape[-2]
-    groups = cu_seqlens.numel() - 1 if varlen else qkv.shape[0]
-    out_shape = (*qkv.shape[:-1], num_heads * head_dim)
-    lse_shape = (num_heads, tokens) if varlen else (groups, num_heads, tokens)
-    if qkv.stride(-2) * _MAX_BLOCK >= 2**31:
-        # Offsets inside one block are int32; only an exotic layout gets this far.
-        qkv = qkv.contiguous()
-    if out is None:
-        out = torch.empty(out_shape, dtype=qkv.dtype, device=qkv.device)
-    elif tuple(out.shape) != out_shape or out.dtype != qkv.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {out_shape} {qkv.dtype} with a contiguous last dim")
-    elif out.stride(-2) * _MAX_BLOCK >= 2**31:
-        raise ValueError(f"out's token stride {out.stride(-2)} is too large; use a denser out")
-    else:
-        check_no_shared_storage(out, (qkv,))
-    if lse is None:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=qkv.device)
-    elif tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
-    if not varlen:
+    if cu_seqlens is None:
         max_seqlen = tokens
-    elif max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        lse_shape = (qkv.shape[0], num_heads, tokens)
+    else:
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.device != qkv.device:
+            raise ValueError("the attention kernel needs cu_seqlens as int32 on qkv's device")
+        # The kernel reads the bounds with stride 1.
+        cu_seqlens = cu_seqlens.contiguous()
+        if max_seqlen is None:
+            if bounds is None:
+                raise ValueError("max_seqlen is required with cu_seqlens under CUDA-graph capture")
+            max_seqlen = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        lse_shape = (num_heads, tokens)
     if max_seqlen > _MAX_TOKENS:
         raise ValueError(f"sequence length {max_seqlen} exceeds {_MAX_TOKENS} tokens")
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif not 0 < scale < math.inf:
-        # The kernel takes the row maximum before scaling, which needs a positive scale.
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    if head_scale is None:
-        head_scale_strides = (0, 0)
-    elif head_scale.dim() == 1:
-        head_scale_strides = (0, head_scale.stride(0))
-    else:
-        head_scale_strides = head_scale.stride()
-    if groups * num_heads == 0 or max_seqlen == 0:
-        return out, lse
-
-    args = (
-        qkv,
-        out,
-        lse,
-        head_scale,
-        cu_seqlens,
-        scale * _LOG2E,
-        max_seqlen,
-        num_heads,
-        qkv.stride(0) if not varlen else 0,
-        qkv.stride(-2),
-        out.stride(0) if not varlen else 0,
-        out.stride(-2),
-        tokens,
-        *head_scale_strides,
-        min(triton.next_power_of_2(groups * num_heads * triton.cdiv(max_seqlen, 128)), 1 << 14),
-    )
-    flags = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_DMODEL": triton.next_power_of_2(head_dim),
-        "VARLEN": varlen,
-        "HAS_HEAD_SCALE": head_scale is not None,
-        # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton #11584).
-        "UPCAST_DOT": interpreting() and qkv.dtype == torch.bfloat16,
-        # fp32 inputs get exact products, as PyTorch's fp32 attention does; 16-bit operands
-        # ignore the setting.
-        "DOT_PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32",
-    }
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (groups * num_heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
-
-    record_launch("attention")
-    if interpreting():
-        config = _INTERPRETER_CONFIG
-        _attention_fwd_kernel[grid({**config.kwargs})](
-            *args, **flags, **config.kwargs, num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )  # fmt: skip
-    else:
-        arch = nearest_arch((80, 90), device_arch(qkv.device))
-        kernel = _tuned_kernel(arch, _config_width(flags["BLOCK_DMODEL"]))
-        kernel[grid](*args, **flags)
+    out = _output(out, (*qkv.shape[:-1], num_heads * head_dim), qkv.dtype, qkv, (qkv,))
+    lse = _lse(lse, lse_shape, qkv)
+    if out.numel() and max_seqlen:
+        launch = _packed_launch(
+            qkv, num_heads, head_dim, scale, head_scale, cu_seqlens, max_seqlen, out, lse
+        )
+        _run(launch, qkv.device, config)
     return out, lse
 
 
-def _signature(dtype: str) -> dict[str, str]:
-    return {
-        "qkv_ptr": f"*{dtype}",
-        "out_ptr": f"*{dtype}",
-        "lse_ptr": "*fp32",
-        "head_scale_ptr": "*fp32",
-        "cu_seqlens_ptr": "*i32",
-        "qk_scale_log2": "fp32",
-        "max_seqlen": "i32",
-        "num_heads": "i32",
-        "stride_qkv_batch": "i64",
-        "stride_qkv_token": "i32",
-        "stride_out_batch": "i64",
-        "stride_out_token": "i32",
-        "stride_lse_head": "i32",
-        "stride_head_scale_batch": "i32",
-        "stride_head_scale_head": "i32",
-        "work_bucket": "i32",
+def flash_attention_split(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    head_scale: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention on separate q, k, v; returns (out, lse).
+
+    query, key and value are (B, H, N, Dh) with any strides in B, H and N (transformers'
+    views of three projections), read in place; out is (B, N, H, Dh) (transformers'
+    attention-function output) and lse (fp32, natural log) is (B, H, N). ``head_scale``,
+    ``scale``, ``out``, ``lse`` and ``config`` as for ``flash_attention``; a given ``out``
+    must have its heads at stride Dh.
+    """
+    check_split_attention_inputs(query, key, value, head_scale)
+    batch, num_heads, tokens, head_dim = query.shape
+    scale = _check_kernel_inputs((query, key, value), head_dim, scale)
+    if tokens > _MAX_TOKENS:
+        raise ValueError(f"sequence length {tokens} exceeds {_MAX_TOKENS} tokens")
+    inputs = (query, key, value)
+    out = _output(out, (batch, tokens, num_heads, head_dim), query.dtype, query, inputs)
+    lse = _lse(lse, (batch, num_heads, tokens), query)
+    if out.numel():
+        _run(_split_launch(query, key, value, scale, head_scale, out, lse), query.device, config)
+    return out, lse
+
+
+def _split_launch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    head_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> _Launch:
+    """The launch for (B, H, N, Dh) q, k, v, read in place."""
+    batch, num_heads, tokens, head_dim = query.shape
+    strides = tuple(s for t in (query, key, value) for s in (t.stride(0), t.stride(2), t.stride(1)))
+    return _prepare(
+        query, key, value, strides, out, (out.stride(0), out.stride(1)), lse, head_scale, None,
+        scale, num_heads, head_dim, batch, tokens, tokens,
+    )  # fmt: skip
+
+
+# The launches of the default models (DINOv2 small/base/large/giant: 6/12/16/24 heads of
+# 64) that the compile report must compile: 224 px (257 tokens, 261 with registers) and
+# 518 px (1370), batch 1 and 64, fp16 and bf16, with and without head_scale (head_mask),
+# batched and varlen, packed qkv (the fused model, optimize()) and transformers' separate
+# q/k/v views (attn_implementation="dinov2_fast").
+_MODEL_HEAD_DIM = 64
+_MODEL_HEADS = (6, 12, 16, 24)
+_MODEL_TOKENS = (257, 261, 1370)
+_MODEL_BATCHES = (1, 64)
+# The other supported head dims get one representative launch each: batched packed qkv.
+_OTHER_HEADS, _OTHER_TOKENS, _OTHER_BATCH = 8, 257, 2
+
+
+def _model_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
+    """(flags label, launch) for every launch of the default models in ``dtype``, built by
+    the launchers' own argument builders on meta tensors."""
+    meta = {"dtype": dtype, "device": "meta"}
+    launches = []
+    for heads in _MODEL_HEADS:
+        width = heads * _MODEL_HEAD_DIM
+        scale = _MODEL_HEAD_DIM**-0.5
+        for tokens in _MODEL_TOKENS:
+            for batch in _MODEL_BATCHES:
+                for head_scale in (None, torch.empty(heads, **meta)):
+                    flags = "" if head_scale is None else " head_scale"
+                    qkv = torch.empty(batch, tokens, 3 * width, **meta)
+                    out = torch.empty(batch, tokens, width, **meta)
+                    lse = torch.empty(batch, heads, tokens, device="meta")
+                    launches.append(
+                        (
+                            "packed" + flags,
+                            _packed_launch(
+                                qkv, heads, _MODEL_HEAD_DIM, scale, head_scale, None, tokens,
+                                out, lse,
+                            ),
+                        )
+                    )  # fmt: skip
+                    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device="meta")
+                    launches.append(
+                        (
+                            "packed varlen" + flags,
+                            _packed_launch(
+                                qkv.flatten(0, 1), heads, _MODEL_HEAD_DIM, scale, head_scale,
+                                cu_seqlens, tokens, out.flatten(0, 1),
+                                torch.empty(heads, batch * tokens, device="meta"),
+                            ),
+                        )
+                    )  # fmt: skip
+                    # transformers' (B, N, H*Dh) projections viewed as (B, H, N, Dh).
+                    query, key, value = (
+                        torch.empty(batch, tokens, width, **meta)
+                        .unflatten(-1, (heads, _MODEL_HEAD_DIM))
+                        .transpose(1, 2)
+                        for _ in range(3)
+                    )
+                    split_out = out.unflatten(-1, (heads, _MODEL_HEAD_DIM))
+                    launches.append(
+                        (
+                            "split" + flags,
+                            _split_launch(query, key, value, scale, head_scale, split_out, lse),
+                        )
+                    )
+    return launches
+
+
+def _other_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
+    launches = []
+    batch, heads, tokens = _OTHER_BATCH, _OTHER_HEADS, _OTHER_TOKENS
+    for head_dim in SUPPORTED_HEAD_DIMS:
+        if head_dim == _MODEL_HEAD_DIM:
+            continue
+        meta = {"dtype": dtype, "device": "meta"}
+        qkv = torch.empty(batch, tokens, 3 * heads * head_dim, **meta)
+        out = torch.empty(batch, tokens, heads * head_dim, **meta)
+        lse = torch.empty(batch, heads, tokens, device="meta")
+        launch = _packed_launch(qkv, heads, head_dim, head_dim**-0.5, None, None, tokens, out, lse)
+        launches.append(("packed", launch))
+    return launches
+
+
+def _specialize(
+    launch: _Launch, config: AttentionConfig, backend: Any
+) -> tuple[dict[str, str], dict[str, Any], dict]:
+    """(signature, constexprs by name, attrs) the JIT derives for this launch and config.
+
+    Triton 3.6's own binder does it (``create_function_from_signature``, then
+    ``JITFunction._pack_args``): int32/int64, divisibility by 16, and arguments that become
+    constexprs (None, the integer 1), exactly as at run time.
+    """
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = _attention_fwd_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {
+        **launch.constexprs,
+        **config._meta(),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
     }
-
-
-# What the JIT would specialize for the model's packed layout (16-byte aligned tensors,
-# row strides 3*H*Dh and H*Dh that are multiples of 16). Without it the compiler cannot
-# prove 16-byte vectors, drops cp.async pipelining and spills: the AOT report must compile
-# what the runtime runs. Keys are ASTSource attrs (argument index tuples).
-_ALIGNED_ARGS = (
-    "qkv_ptr",
-    "out_ptr",
-    "lse_ptr",
-    "head_scale_ptr",
-    "cu_seqlens_ptr",
-    "stride_qkv_batch",
-    "stride_qkv_token",
-    "stride_out_batch",
-    "stride_out_token",
-)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    _, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    runtime_types = {name: kind for name, kind in signature.items() if kind != "constexpr"}
+    constexpr_values = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
+    return runtime_types, constexpr_values, attrs
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every compile the AOT report must check on sm_<arch>.
+    """Every compile the AOT report must check on sm_<arch>: each candidate config against
+    each distinct signature the default models launch (``_model_launches``), and against a
+    representative launch of each other supported head_dim, fp16 and bf16. Signatures come
+    from the launchers' own argument builders through Triton's own specialisation, so the
+    report compiles what runs; identical compiles are listed once. ``extra["attrs"]`` holds
+    the ASTSource attrs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
 
-    Every autotune config for every supported head_dim it serves (the autotuner may pick any
-    of them at run time), fp16 and bf16 each, batched
-    mode with head_scale (the widest feature set the model uses). ``extra["attrs"]`` holds
-    the alignment attributes to pass as ``ASTSource(..., attrs=...)``.
-    """
-    specs = []
-    for dtype in ("fp16", "bf16"):
-        for head_dim in SUPPORTED_HEAD_DIMS:
-            block_dmodel = triton.next_power_of_2(head_dim)
-            for config in _CONFIGS[(arch, _config_width(block_dmodel))]:
-                block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    specs, seen = [], set()
+    for dtype, dtype_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for flags, launch in _model_launches(dtype) + _other_launches(dtype):
+            head_dim = launch.constexprs["HEAD_DIM"]
+            for config in candidate_configs(arch, head_dim):
+                signature, constexprs, attrs = _specialize(launch, config, backend)
+                key = (
+                    config,
+                    tuple(signature.items()),
+                    tuple(sorted(constexprs.items(), key=str)),
+                    tuple(sorted((k, str(v)) for k, v in attrs.items())),
+                )
+                if key in seen:
+                    continue
+                seen.add(key)
                 specs.append(
                     KernelSpec(
                         name="attention",
                         fn=_attention_fwd_kernel,
-                        signature=_signature(dtype),
-                        constexprs={
-                            "HEAD_DIM": head_dim,
-                            "BLOCK_DMODEL": block_dmodel,
-                            "BLOCK_M": block_m,
-                            "BLOCK_N": block_n,
-                            "VARLEN": False,
-                            "HAS_HEAD_SCALE": True,
-                            "UPCAST_DOT": False,
-                            "DOT_PRECISION": "tf32",
-                        },
+                        signature=signature,
+                        constexprs=constexprs,
                         num_warps=config.num_warps,
                         num_stages=config.num_stages,
-                        label=(
-                            f"{dtype} d{head_dim} m{block_m} n{block_n} "
-                            f"w{config.num_warps} s{config.num_stages}"
-                        ),
-                        extra={"attrs": divisibility_attrs(_attention_fwd_kernel, _ALIGNED_ARGS)},
+                        label=f"{dtype_name} d{head_dim} {config.name} {flags}",
+                        extra={"attrs": attrs},
                     )
                 )
     return specs
