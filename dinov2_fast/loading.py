@@ -13,7 +13,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -237,12 +237,10 @@ def _load_into(
         for k in set(wanted) & set(expected)
         if wanted[k].shape != expected[k].shape
     }
-    if ignore_mismatched_sizes:
-        for key, *_ in mismatched:
-            del wanted[key]
-    missing = set(expected) - set(wanted) - set(fresh_head)
-    if ignore_mismatched_sizes:
-        missing -= {key for key, *_ in mismatched}
+    reinitialised = {key for key, *_ in mismatched} if ignore_mismatched_sizes else set()
+    for key in reinitialised:
+        del wanted[key]
+    missing = set(expected) - set(wanted) - set(fresh_head) - reinitialised
     unexpected = set(wanted) - set(expected)
     problems = []
     if missing:
@@ -272,7 +270,7 @@ def _load_into(
             "train them before use",
             stacklevel=4,
         )
-    if mismatched and ignore_mismatched_sizes:
+    if reinitialised:
         warnings.warn(
             f"{source}: tensors of other shapes were not loaded and are newly initialised "
             f"(ignore_mismatched_sizes=True): {sorted(mismatched)}",
@@ -286,7 +284,7 @@ def _load_into(
     }
 
 
-def _file_names(keys: Any, prefix: str, file_name: Callable[[str], str]) -> list[str]:
+def _file_names(keys: Iterable[str], prefix: str, file_name: Callable[[str], str]) -> list[str]:
     """Model keys as the checkpoint names them, with the model's name where they differ."""
     names = set()
     for key in keys:
