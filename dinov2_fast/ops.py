@@ -28,6 +28,7 @@ from .kernels._common import interpreting
 __all__ = [
     "add_layerscale_layernorm",
     "attention",
+    "attention_split",
     "current_backend",
     "gelu",
     "layer_norm",
@@ -216,6 +217,33 @@ def _(
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
 
 
+@torch.library.custom_op("dinov2_fast::attention_split", mutates_args=())
+def _attention_split_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    head_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    from .kernels import attention
+
+    with _on_device_of(query):
+        out, _lse = attention.flash_attention_split(query, key, value, scale, head_scale)
+    return out
+
+
+@_attention_split_op.register_fake
+def _(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    head_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    batch, heads, tokens, head_dim = query.shape
+    return query.new_empty((batch, tokens, heads, head_dim))
+
+
 # The public functional API.
 
 
@@ -258,23 +286,34 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return reference.gelu(x, bias)
 
 
-def _attention_blocker(
-    qkv: torch.Tensor, num_heads: int, scale: float | None, cu_seqlens: torch.Tensor | None
+def _attention_kernel_blocker(
+    inputs: list[torch.Tensor], head_dim: int, scale: float | None
 ) -> str | None:
-    """Why the attention kernel cannot take these arguments (None if it can)."""
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    """Why the attention kernel cannot take valid arguments like these (None if it can)."""
     if head_dim not in _ATTENTION_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
-    if qkv.dtype == torch.float32 and qkv.is_cuda:
+    if inputs[0].dtype == torch.float32 and inputs[0].is_cuda:
         # Exact fp32 products spill registers in every tile shape (kernels/report.py).
         return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
     if scale is not None and not 0 < scale < math.inf:
         return f"scale {scale} is not positive and finite"
+    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in inputs):
+        return "an input is strided in its last dimension"
+    return None
+
+
+def _attention_blocker(
+    qkv: torch.Tensor, num_heads: int, scale: float | None, cu_seqlens: torch.Tensor | None
+) -> str | None:
+    """Why the attention kernel cannot take these arguments (None if it can, or if they are
+    invalid: then the kernel refuses them with the reference's own error)."""
+    if qkv.dim() == 0 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        return None
     if cu_seqlens is not None and (
         cu_seqlens.dtype != torch.int32 or cu_seqlens.device != qkv.device
     ):
         return "cu_seqlens must be int32 on qkv's device"
-    return None
+    return _attention_kernel_blocker([qkv], qkv.shape[-1] // (3 * num_heads), scale)
 
 
 def attention(
@@ -287,16 +326,42 @@ def attention(
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Non-causal multi-head attention on the packed (B, N, 3*H*Dh) QKV projection, giving
-    (B, N, H*Dh); see ``reference.attention`` for ``head_scale`` and ``cu_seqlens``.
+    (B, N, H*Dh); see ``reference.attention`` for ``head_scale``, ``cu_seqlens`` and
+    ``max_seqlen``. Both paths validate the arguments alike (``reference.check_attention_inputs``).
 
     With ``cu_seqlens``, pass ``max_seqlen`` (the longest sequence) to make the call CUDA-graph
     capturable; outside a capture ``cu_seqlens`` is still read on the host once to validate
-    it. The reference path ignores ``max_seqlen``, a launch hint of the kernel.
+    it.
     """
     if _use_triton(
         "attention", [qkv, head_scale], _attention_blocker(qkv, num_heads, scale, cu_seqlens)
     ):
         return _attention_op(qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen)
     return reference.attention(
-        qkv, num_heads, scale=scale, head_scale=head_scale, cu_seqlens=cu_seqlens
+        qkv,
+        num_heads,
+        scale=scale,
+        head_scale=head_scale,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
     )
+
+
+def attention_split(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    head_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-causal multi-head attention on separate (B, H, N, Dh) q, k, v, any strides with a
+    contiguous last dim (transformers' attention-function layout), read in place; the result
+    is (B, N, H, Dh). See ``reference.attention_split``."""
+    if all(t.dim() == 4 for t in (query, key, value)):
+        blocker = _attention_kernel_blocker([query, key, value], query.shape[-1], scale)
+    else:
+        blocker = None  # invalid: both paths refuse it with the same error
+    if _use_triton("attention_split", [query, key, value, head_scale], blocker):
+        return _attention_split_op(query, key, value, scale, head_scale)
+    return reference.attention_split(query, key, value, scale=scale, head_scale=head_scale)

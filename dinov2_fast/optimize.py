@@ -43,11 +43,11 @@ def _transformers_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function contract on top of ``ops.attention``.
+    """transformers' attention-function contract on top of ``ops.attention_split``.
 
-    q, k, v arrive as (B, H, N, Dh) views of three projections, so they are packed into the
-    kernel's (B, N, 3*H*Dh) layout with one copy; ``optimize`` avoids that copy by packing
-    the weights instead. Masks and dropout take transformers' SDPA function.
+    q, k, v arrive as (B, H, N, Dh) strided views of three projections; the kernel reads
+    them in place (no stack, permute or copy) and returns (B, N, H, Dh), as transformers'
+    SDPA function does. Masks and dropout take transformers' SDPA function.
     """
     if attention_mask is not None or (dropout > 0 and module.training):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -55,10 +55,7 @@ def _transformers_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    batch, heads, tokens, head_dim = query.shape
-    qkv = torch.stack([query, key, value], dim=1).permute(0, 3, 1, 2, 4)
-    out = ops.attention(qkv.reshape(batch, tokens, 3 * heads * head_dim), heads, scale=scaling)
-    return out.view(batch, tokens, heads, head_dim), None
+    return ops.attention_split(query, key, value, scale=scaling), None
 
 
 def register_attention_implementation() -> str:

@@ -226,3 +226,146 @@ def test_gpu_dispatch_and_compile(dtype: torch.dtype) -> None:
     assert launches == ALL_KERNELS
     expected = _reference_block({k: v.double() for k, v in t.items()})
     assert_close_2x(out, expected, _reference_block(t), atol=1e-3)
+
+
+# Attention: one validation for both paths, and q, k, v read in place.
+
+
+def _cu(bounds: list[int]) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def _varlen(tokens: int = 10) -> torch.Tensor:
+    return torch.randn(tokens, 3 * 2 * 32)  # two heads of 32
+
+
+BAD_ATTENTION_CALLS = {
+    "cu_seqlens-decreasing": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([0, 6, 4, 10])),
+    "cu_seqlens-short-of-total": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([0, 3, 9])),
+    "cu_seqlens-past-total": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([0, 3, 12])),
+    "cu_seqlens-not-from-0": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([1, 4, 10])),
+    "cu_seqlens-2d": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([[0, 10]])),
+    "cu_seqlens-one-bound": lambda: ops.attention(_varlen(), 2, cu_seqlens=_cu([0])),
+    "max_seqlen-too-short": lambda: ops.attention(
+        _varlen(), 2, cu_seqlens=_cu([0, 4, 10]), max_seqlen=5
+    ),
+    "head_scale-rows-varlen": lambda: ops.attention(
+        _varlen(), 2, cu_seqlens=_cu([0, 4, 10]), head_scale=torch.rand(3, 2)
+    ),
+    "head_scale-rows-batched": lambda: ops.attention(
+        _varlen(10).view(2, 5, -1), 2, head_scale=torch.rand(3, 2)
+    ),
+    "qkv-3d-with-cu_seqlens": lambda: ops.attention(
+        _varlen(10).view(1, 10, -1), 2, cu_seqlens=_cu([0, 10])
+    ),
+    "width": lambda: ops.attention(_varlen().view(2, 5, -1), 5),
+    "zero-heads": lambda: ops.attention(_varlen().view(2, 5, -1), 0),
+    "split-shapes": lambda: ops.attention_split(
+        torch.randn(1, 2, 5, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 5, 32)
+    ),
+    "split-head_scale": lambda: ops.attention_split(
+        *(torch.randn(2, 2, 5, 32) for _ in range(3)), head_scale=torch.rand(3)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ATTENTION_CALLS))
+def test_both_attention_paths_refuse_bad_inputs_with_one_error(name: str) -> None:
+    messages = []
+    for backend in ("torch", "triton"):
+        with (
+            ops.use_backend(backend),
+            count_launches() as launches,
+            pytest.raises(ValueError) as error,
+        ):
+            BAD_ATTENTION_CALLS[name]()
+        assert not launches, f"{backend} launched on a bad input"
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+
+
+def test_strided_cu_seqlens_are_read_by_value_on_both_paths() -> None:
+    qkv = _varlen()
+    every_other = _cu([0, 99, 4, 99, 10])[::2]
+    assert not every_other.is_contiguous()
+    with count_launches() as launches:
+        fast = ops.attention(qkv, 2, cu_seqlens=every_other)
+    assert launches == {"attention": 1}
+    with ops.use_backend("torch"):
+        slow = ops.attention(qkv, 2, cu_seqlens=every_other)
+    expected = reference.attention(qkv.double(), 2, cu_seqlens=_cu([0, 4, 10]))
+    torch.testing.assert_close(slow.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _projection_views(batch: int = 2, tokens: int = 17, heads: int = 2) -> list[torch.Tensor]:
+    """transformers' q, k, v: (B, H, N, Dh) views of three (B, N, H*Dh) projections."""
+    return [
+        torch.randn(batch, tokens, heads * 64).unflatten(-1, (heads, 64)).transpose(1, 2)
+        for _ in range(3)
+    ]
+
+
+def _spy_on_split_kernel(monkeypatch) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """Record (data_ptr, strides) of the q, k, v each split launch receives."""
+    from dinov2_fast.kernels import attention
+
+    received = []
+    launch = attention.flash_attention_split
+
+    def spy(query, key, value, *args, **kwargs):
+        received.append([(t.data_ptr(), t.stride()) for t in (query, key, value)])
+        return launch(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attention_split", spy)
+    return received
+
+
+def test_attention_split_reads_the_views_in_place(monkeypatch) -> None:
+    views = _projection_views()
+    received = _spy_on_split_kernel(monkeypatch)
+    with count_launches() as launches:
+        out = ops.attention_split(*views, scale=0.1)
+    assert launches == {"attention": 1}
+    assert received == [[(t.data_ptr(), t.stride()) for t in views]]
+    expected = reference.attention_split(*(t.double() for t in views), scale=0.1)
+    assert out.shape == (2, 17, 2, 64)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_transformers_attention_function_makes_no_copy(monkeypatch) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dinov2_fast.optimize import _transformers_attention
+
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    views = _projection_views()
+    expected, _ = sdpa_attention_forward(module, *views, None, scaling=0.125)
+    received = _spy_on_split_kernel(monkeypatch)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("q, k, v were copied")
+
+    for name in ("stack", "cat"):
+        monkeypatch.setattr(torch, name, no_copy)
+    for name in ("contiguous", "reshape", "permute"):
+        monkeypatch.setattr(torch.Tensor, name, no_copy)
+    with count_launches() as launches:
+        out, probs = _transformers_attention(module, *views, None, scaling=0.125)
+    monkeypatch.undo()
+    assert launches == {"attention": 1} and probs is None
+    assert received == [[(t.data_ptr(), t.stride()) for t in views]]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_split_compiles_fullgraph() -> None:
+    torch._dynamo.reset()
+    views = _projection_views()
+    compiled = torch.compile(
+        lambda q, k, v: ops.attention_split(q, k, v) * 2, fullgraph=True, backend="aot_eager"
+    )
+    with count_launches() as launches:
+        out = compiled(*views)
+    assert launches == {"attention": 1}
+    torch.testing.assert_close(out, 2 * reference.attention_split(*views), rtol=1e-4, atol=1e-5)
