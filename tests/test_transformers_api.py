@@ -2,6 +2,7 @@
 call, on dinov2_fast's own classes, checked against transformers 5.17's behaviour."""
 
 import json
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -327,6 +328,12 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert _tiny().push_to_hub("me/tiny", token="t") == "commit"
     assert uploads == [("me/tiny", ["config.json", "model.safetensors"])]
+
+
+def test_push_to_hub_without_huggingface_hub_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match="push_to_hub needs huggingface_hub: pip install"):
+        _tiny().push_to_hub("me/tiny")
 
 
 # -- Outputs ---------------------------------------------------------------------------------
