@@ -16,6 +16,17 @@ from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifier
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # embed needs Pillow and tqdm (the cli extra): imported on first use, so the library
+    # core imports without them.
+    if name == "embed":
+        from .embedding import embed
+
+        return embed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BackboneOutput",
     "BaseModelOutputWithPooling",
@@ -30,6 +41,7 @@ __all__ = [
     "Dinov2WithRegistersModel",
     "ImageClassifierOutput",
     "cuda_graph",
+    "embed",
     "optimize",
     "register_attention_implementation",
 ]

@@ -3,6 +3,8 @@ one-line errors for the ones that name nothing usable."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -14,9 +16,18 @@ from .ops import triton_available
 
 SIZES = ("small", "base", "large", "giant")
 POOLS = ("cls", "mean", "cls+mean", "patch")
+# exact: transformers' pipeline. fast: JPEGs decoded at a reduced scale (libjpeg's DCT-domain
+# downscale to the smallest of 1/2, 1/4, 1/8 that stays at least the resize), then the same.
+# gpu: JPEGs decoded by nvjpeg through torchvision, where it is installed.
+DECODES = ("exact", "fast", "gpu")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORIGINAL_SUFFIXES = (".pth", ".pt")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json")
+# How much of each end of a weights file the fingerprint reads: the header (names, shapes,
+# offsets) and enough values at both ends that a same-size rewrite is seen even with an
+# unchanged mtime.
+_FINGERPRINT_BYTES = 1 << 20
 
 
 class UserError(Exception):
@@ -70,6 +81,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def quoted(path: str | os.PathLike) -> str:
+    """A path for a one-line message: quoted, and a newline or other control character in
+    the name escaped so it cannot split the line."""
+    return repr(os.fspath(path))
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message, for one-line reports."""
     text = str(err).strip() or type(err).__name__
@@ -97,6 +114,37 @@ def model_identity(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
+def _hub_folder(spec: str) -> Path | None:
+    """The cached snapshot a hub id was loaded from, without going to the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # not installed, not cached, or a hub client error: nothing to read
+        return None
+
+
+def model_fingerprint(spec: str) -> str:
+    """The weights' content, as far as a resume check needs it: a hash over every weights
+    and config file's name, size, mtime and first and last MiB. A rewrite of the weights
+    changes it; so does touching them (a false alarm that only costs an ``--overwrite``)."""
+    path = Path(spec)
+    folder = path if path.is_dir() else None if path.is_file() else _hub_folder(spec)
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    else:
+        files = [path] if path.is_file() else []
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            handle.seek(max(0, stat.st_size - _FINGERPRINT_BYTES))
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest() if files else "unknown"
+
+
 def load_model(
     spec: str,
     *,
@@ -108,14 +156,21 @@ def load_model(
     """A local transformers folder, an original ``.pth``, a hub id, or (if allowed) a size name."""
     check_backend(backend, device)
     path = Path(spec)
+    if spec in SIZES and path.exists():
+        # Which one a bare size name meant would depend on the working folder: ask.
+        random = ", or run elsewhere for the random-weight size" if allow_random_size else ""
+        raise UserError(
+            f"--model {spec} is ambiguous: {quoted(spec)} is also a file or folder here; write "
+            f"./{spec} for it, or facebook/dinov2-{spec} for the released weights{random}"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{spec} is not a model folder: it has no config.json")
+            raise UserError(f"{quoted(spec)} is not a model folder: it has no config.json")
         loader, source = Dinov2Model.from_pretrained, path
     elif path.is_file():
         if path.suffix not in _ORIGINAL_SUFFIXES:
             raise UserError(
-                f"{spec} is neither a model folder nor an original .pth or .pt checkpoint"
+                f"{quoted(spec)} is neither a model folder nor an original .pth or .pt checkpoint"
             )
         loader, source = Dinov2Model.from_original, path
     elif spec in SIZES:
@@ -130,14 +185,13 @@ def load_model(
     else:
         sizes = f", or one of {', '.join(SIZES)}" if allow_random_size else ""
         raise UserError(
-            f"model not found: {spec} (expected a local model folder, an original .pth or .pt "
-            "file, "
-            f"a hub id such as facebook/dinov2-small{sizes})"
+            f"model not found: {quoted(spec)} (expected a local model folder, an original .pth "
+            f"or .pt file, a hub id such as facebook/dinov2-small{sizes})"
         )
     try:
         return loader(source, dtype=dtype, device=device, backend=backend).eval()
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
-        raise UserError(f"cannot load model {spec}: {_load_failure(err)}") from err
+        raise UserError(f"cannot load model {quoted(spec)}: {_load_failure(err)}") from err
 
 
 def _load_failure(err: BaseException) -> str:

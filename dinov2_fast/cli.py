@@ -14,7 +14,7 @@ from typing import NoReturn
 import numpy as np
 
 from ._diagnostics import bench, info, verify
-from ._resolve import DTYPES, POOLS, SIZES, SharedError, UserError, first_line
+from ._resolve import DECODES, DTYPES, POOLS, SIZES, SharedError, UserError, first_line, quoted
 from .ops import BACKENDS
 
 __all__ = ["main"]
@@ -98,13 +98,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="center-crop size, at least the model's patch (14); the shortest edge is resized "
         "to round(S*256/224)",
     )
+    embed.add_argument(
+        "--decode",
+        choices=DECODES,
+        default="exact",
+        help="exact: transformers' pixels (default); fast: JPEGs decoded at a reduced scale "
+        "first (a different pipeline, see docs/cli.md); gpu: JPEGs decoded by nvjpeg "
+        "(needs torchvision)",
+    )
     embed.add_argument("--batch-size", type=_positive_int, default=64)
     embed.add_argument(
         "--workers",
         type=_count,
         default=None,
-        help="image-decoding processes (default: 1 on CPU; on GPU the cores shared among "
-        "local processes, less one, up to 16)",
+        help="image-decoding processes (default: from this process's cores: on GPU all but "
+        "one, shared among local processes, up to 16; on CPU half of them)",
+    )
+    embed.add_argument(
+        "--verbose",
+        action="store_true",
+        help="at the end, the time spent reading, decoding and resizing, in the model and "
+        "writing, to see what bounds the run",
     )
     existing = embed.add_mutually_exclusive_group()
     existing.add_argument(
@@ -173,6 +187,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         args.out,
         pool=args.pool,
         crop_size=args.size,
+        decode=args.decode,
         batch_size=args.batch_size,
         dtype=args.dtype,
         device=args.device,
@@ -180,13 +195,15 @@ def _run_embed(args: argparse.Namespace) -> int:
         backend=args.backend,
         resume=args.resume,
         overwrite=args.overwrite,
+        verbose=args.verbose,
     )
     if _rank() != 0:
         return 0 if result.rows else 1
     if not result.rows:
         print(
             f"{_PROG}: error: no input could be read ({result.skipped} skipped, named above); "
-            f"nothing written to {result.features}, the run is kept in {result.partial} "
+            f"nothing written to {quoted(result.features)}, the run is kept in "
+            f"{quoted(result.partial)} "
             "(--resume tries the files again)",
             file=sys.stderr,
         )

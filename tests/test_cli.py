@@ -194,7 +194,7 @@ def test_embed_folder_matches_transformers_and_skips_unreadable_files(workspace,
     assert [s["path"] for s in manifest["skipped"]] == [str(images / n) for n in UNREADABLE]
     assert all(s["reason"] for s in manifest["skipped"])
     for name in UNREADABLE:
-        assert f"skipped {images / name}: " in run.stderr
+        assert f"skipped {str(images / name)!r}: " in run.stderr
     assert f"features: {out} (5 x 64, float32)" in run.stdout
     _assert_close(np.load(out), _expected(workspace, manifest["inputs"]))
     assert not out.with_suffix(".partial").exists()
@@ -228,7 +228,7 @@ def test_nothing_readable_exits_non_zero_and_keeps_the_earlier_output(
     corrupt = workspace / "images" / "zz_corrupt.jpg"
     run = _embed(workspace, out, corrupt, extra=("--overwrite",))
     assert run.returncode == 1
-    assert f"skipped {corrupt}" in run.stderr
+    assert f"skipped {str(corrupt)!r}" in run.stderr
     assert "no input could be read" in run.stderr and "nothing written to" in run.stderr
     assert all(path.read_bytes() == data for path, data in earlier.items())
     # The run is kept, and a plain rerun says how to continue it.
@@ -391,11 +391,20 @@ def test_info_and_bench(workspace):
     assert "transformers" in bench.stdout and "images/s" in bench.stdout
 
 
+def _normalized(image: Image.Image, crop: int = 224) -> np.ndarray:
+    """Our pipeline's two halves on one image: the uint8 crop, then the normalisation."""
+    from dinov2_fast.embedding.preprocess import crop_pixels, normalize
+
+    return normalize(torch.from_numpy(crop_pixels(image, crop))).numpy()
+
+
 @pytest.mark.parametrize("crop", [224, 98, 518])
 def test_preprocess_is_pixel_exact_with_transformers(crop):
-    from dinov2_fast.embedding.preprocess import preprocess
+    from dinov2_fast.embedding.preprocess import crop_pixels
 
     processor = _processor(crop)
+    uint8_processor = _processor(crop)
+    uint8_processor.do_rescale = uint8_processor.do_normalize = False
     rng = np.random.default_rng(crop)
     for (height, width), mode in [
         ((300, 400), "RGB"),
@@ -404,10 +413,15 @@ def test_preprocess_is_pixel_exact_with_transformers(crop):
         ((256, 256), "RGB"),
         ((1000, 77), "P"),
         ((123, 457), "LA"),
+        ((3, 700), "RGB"),  # enlarged at an extreme aspect ratio: only the crop is computed
+        ((900, 5), "L"),
     ]:
         image = _random_image(rng, height, width).convert(mode)
+        crop_values = uint8_processor(image, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_array_equal(crop_pixels(image, crop), crop_values)
         expected = processor(image, return_tensors="np")["pixel_values"][0]
-        np.testing.assert_array_equal(preprocess(image, crop), expected)
+        # On the CPU the float32 normalisation is transformers' to the bit.
+        np.testing.assert_array_equal(_normalized(image, crop), expected)
 
 
 def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_repeats(
@@ -416,7 +430,9 @@ def test_inputs_keep_command_line_order_sort_within_folders_and_globs_and_drop_r
     from dinov2_fast.embedding import collect_inputs
 
     monkeypatch.chdir(workspace)
-    inputs = collect_inputs(["images/nested/d_square.jpeg", "images/**/*.png", "images/nested"])
+    inputs = collect_inputs(
+        ["images/nested/d_square.jpeg", "images/**/*.png", "images/nested"]
+    ).paths
     assert inputs == [
         "images/nested/d_square.jpeg",
         "images/b_grey.png",
@@ -438,17 +454,17 @@ def test_symlinked_folders_are_followed_once_and_files_kept_once(tmp_path, monke
     (tmp_path / "photos/a_again.png").symlink_to("a.png")  # a linked file
     monkeypatch.chdir(tmp_path)
     found = ["photos/a.png", "photos/linked/c.png", "photos/sub/b.png"]
-    assert collect_inputs(["photos"]) == found
-    assert collect_inputs(["photos/**/*.png"]) == found
-    assert collect_inputs(["photos/**"]) == found
+    assert collect_inputs(["photos"]).paths == found
+    assert collect_inputs(["photos/**/*.png"]).paths == found
+    assert collect_inputs(["photos/**"]).paths == found
     # The same file through another path keeps the first path given.
-    assert collect_inputs(["elsewhere/c.png", "photos"]) == ["elsewhere/c.png", *found[::2]]
+    assert collect_inputs(["elsewhere/c.png", "photos"]).paths == ["elsewhere/c.png", *found[::2]]
 
 
 def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
     from transformers.image_utils import load_image as transformers_load_image
 
-    from dinov2_fast.embedding.preprocess import load_image, preprocess
+    from dinov2_fast.embedding.preprocess import load_image
 
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
@@ -457,14 +473,14 @@ def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
     expected = _processor()(transformers_load_image(str(path)), return_tensors="np")
     image = load_image(path)
     assert image.size == (200, 320)  # upright: width and height swapped
-    np.testing.assert_array_equal(preprocess(image), expected["pixel_values"][0])
+    np.testing.assert_array_equal(_normalized(image), expected["pixel_values"][0])
 
 
 @pytest.mark.parametrize(
     ("setup", "extra", "message"),
     [
         ("out", (), "already exists: add --resume"),
-        ("manifest", (), "features.manifest.json already exists"),
+        ("manifest", (), "features.manifest.json' already exists"),
         ("partial", (), "unfinished run"),
         ("out", ("--resume", "--overwrite"), "not allowed with argument"),
         ("folder", ("--overwrite",), "cannot write --out"),

@@ -2,11 +2,13 @@
 
 ``sources`` lists the inputs, ``preprocess`` turns an image into the checkpoints' pixels,
 ``engine`` batches them through the model and pools the output, ``sinks`` writes the rows,
-``ranks`` coordinates torchrun processes, and ``runner`` drives a run: resume, manifest,
-the crash-safe finish.
+``ranks`` coordinates torchrun processes, ``lock`` keeps one run per output, ``runner``
+drives a run (resume, manifest, the crash-safe finish), and ``api`` is ``dinov2_fast.embed``,
+the same pipeline for images in memory.
 """
 
+from .api import embed
 from .runner import EmbedResult, embed_images, manifest_path
-from .sources import collect_inputs
+from .sources import Inputs, collect_inputs
 
-__all__ = ["EmbedResult", "collect_inputs", "embed_images", "manifest_path"]
+__all__ = ["EmbedResult", "Inputs", "collect_inputs", "embed", "embed_images", "manifest_path"]

@@ -1,28 +1,68 @@
-"""The DINOv2 checkpoints' image pipeline, pixel for pixel.
+"""The DINOv2 checkpoints' image pipeline, pixel for pixel, in two halves.
 
 Matches transformers' ``BitImageProcessor`` (PIL backend) as configured by the
 ``facebook/dinov2-*`` checkpoints: RGB conversion, shortest edge resized with PIL bicubic,
 center crop, rescale by 1/255, ImageNet mean/std. Files are opened as transformers'
 ``load_image`` (and so its image-feature-extraction pipeline) opens them: EXIF orientation
 applied.
+
+``crop_pixels`` does the first half on the CPU and returns the uint8 crop, bit for bit the
+crop transformers rescales; ``normalize`` does the rescale and normalisation wherever the
+batch is (the GPU, for a run on one), so only a quarter of the bytes cross from the decoding
+processes and the float work leaves the CPU.
+
+The resize computes only the pixels the crop keeps when the full resize would be much larger
+than the crop and than the image (a small side enlarged at an extreme aspect ratio: a 1x20000
+image resized to a shortest edge of 256 is 1.3 gigapixels), with PIL's own fixed-point
+arithmetic, so memory per image stays bounded by the crop and the pixels stay PIL's. A
+shrinking resize never outgrows the decoded image, and PIL's full resize serves it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
-__all__ = ["load_image", "preprocess", "resize_size_for"]
+from .._resolve import DECODES, UserError
+
+__all__ = ["check_decode", "crop_pixels", "load_image", "normalize", "resize_size_for"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
-_STD = np.array(IMAGENET_STD, dtype=np.float32)
-# transformers stores 1/255 as this Python float and rescales in float64 before casting.
-_RESCALE = 1 / 255
+# PIL's resampling arithmetic (libImaging/Resample.c): coefficients in 22-bit fixed point,
+# bicubic with a = -0.5 and support 2.
+_PRECISION_BITS = 32 - 8 - 2
+_BICUBIC_SUPPORT = 2.0
+_BICUBIC_A = -0.5
+# A full PIL resize is used up to this many times the pixels of the resized square; beyond
+# it only the pixels that survive the crop are computed.
+_FULL_RESIZE_LIMIT = 4
+# Integers gathered at once by the windowed resize (8 bytes each).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def check_decode(decode: str) -> None:
+    """Refuse a decode mode this installation cannot run, saying what would."""
+    if decode not in DECODES:
+        raise UserError(f"--decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if decode != "gpu":
+        return
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "--decode gpu decodes JPEGs with nvjpeg through torchvision, which is not "
+            "installed (install the torchvision built for this torch): use --decode exact or fast"
+        ) from None
+    raise UserError(
+        "--decode gpu is not available in this version (the nvjpeg path has not been "
+        "measured yet): use --decode exact or fast"
+    )
 
 
 def resize_size_for(crop_size: int) -> int:
@@ -30,13 +70,21 @@ def resize_size_for(crop_size: int) -> int:
     return round(crop_size * 256 / 224)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
     """Open and fully decode an image, turned upright by its EXIF orientation as transformers'
-    ``load_image`` turns it; raises on unreadable or truncated files. ``preprocess`` converts
-    it to RGB."""
+    ``load_image`` turns it; raises on unreadable or truncated files. ``crop_pixels``
+    converts it to RGB.
+
+    ``draft_size`` (``--decode fast``): a JPEG is decoded at the smallest libjpeg scale that
+    keeps both sides at least this long; other formats as usual.
+    """
     with Image.open(path) as image:
+        if draft_size is not None:
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        return ImageOps.exif_transpose(image)
+        # In place: without an orientation to apply, a copy would only cost time.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
 
 
 def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -46,19 +94,111 @@ def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, in
     return shortest_edge, int(shortest_edge * width / height)
 
 
-def preprocess(image: Image.Image, crop_size: int = 224) -> np.ndarray:
-    """A PIL image to normalized ``(3, crop_size, crop_size)`` float32 pixels.
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """PIL's bicubic_filter, operation for operation (the float64 results must be its own)."""
+    x = np.abs(x)
+    a = _BICUBIC_A
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _coefficients(
+    in_size: int, out_size: int, first: int, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's precompute_coeffs and normalize_coeffs_8bpc for outputs ``first..first+count``
+    of a full-image resize: each output's first input, its number of inputs, and their
+    fixed-point weights (zero past that number)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = _BICUBIC_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(first, first + count) + 0.5) * scale
+    # C's (int) truncates toward zero.
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xcount = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize)
+    offsets = (taps[None, :] + xmin[:, None]) - center[:, None] + 0.5
+    weights = np.where(taps[None, :] < xcount[:, None], _bicubic(offsets * (1.0 / filterscale)), 0)
+    total = np.zeros(count)
+    for tap in range(ksize):  # summed in C's order: the rounding of the total is PIL's
+        total += weights[:, tap]
+    weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0)
+    fixed = weights * (1 << _PRECISION_BITS)
+    fixed = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5)).astype(np.int64)
+    return xmin, xcount, fixed
+
+
+def _resample_columns(pixels: np.ndarray, xmin: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """PIL's 8-bit horizontal pass over ``pixels`` (rows, columns, 3) for the given outputs."""
+    taps = fixed.shape[1]
+    index = np.minimum(xmin[:, None] + np.arange(taps), pixels.shape[1] - 1)
+    out = np.empty((pixels.shape[0], len(xmin), 3), dtype=np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // (len(xmin) * taps * 3))
+    for start in range(0, pixels.shape[0], step):
+        gathered = pixels[start : start + step][:, index].astype(np.int64)
+        acc = np.einsum("rotc,ot->roc", gathered, fixed) + (1 << (_PRECISION_BITS - 1))
+        out[start : start + step] = np.clip(acc >> _PRECISION_BITS, 0, 255)
+    return out
+
+
+def _resize_crop_window(
+    image: Image.Image, height: int, width: int, top: int, left: int, crop_size: int
+) -> np.ndarray:
+    """The crop of an enlarging bicubic resize, computing only its pixels: PIL's horizontal
+    pass on the rows the crop needs, then its vertical pass (PIL's order when it enlarges;
+    when it shrinks, this Pillow may take the vertical pass first), in its fixed-point
+    arithmetic."""
+    pixels = np.asarray(image)
+    resize_rows = height != image.height
+    if resize_rows:
+        ymin, ycount, yfixed = _coefficients(image.height, height, top, crop_size)
+        first, last = int(ymin.min()), int((ymin + ycount).max())
+    else:
+        first, last = top, top + crop_size
+    pixels = pixels[first:last]
+    if width != image.width:
+        xmin, _, xfixed = _coefficients(image.width, width, left, crop_size)
+        pixels = _resample_columns(pixels, xmin, xfixed)
+    else:
+        pixels = pixels[:, left : left + crop_size]
+    if resize_rows:
+        pixels = _resample_columns(pixels.transpose(1, 0, 2), ymin - first, yfixed)
+        pixels = pixels.transpose(1, 0, 2)
+    return pixels
+
+
+def crop_pixels(image: Image.Image, crop_size: int = 224) -> np.ndarray:
+    """A PIL image to its ``(3, crop_size, crop_size)`` uint8 crop, as transformers crops it.
 
     The one RGB conversion of the pipeline happens here: alpha dropped, grey replicated,
     16-bit values clipped to 255, as transformers converts them.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
-    height, width = _resized_shape(image.height, image.width, resize_size_for(crop_size))
-    pixels = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
+    resize = resize_size_for(crop_size)
+    height, width = _resized_shape(image.height, image.width, resize)
     # The resize is never smaller than the crop, so the crop needs no padding.
     top = (height - crop_size) // 2
     left = (width - crop_size) // 2
-    pixels = pixels[top : top + crop_size, left : left + crop_size]
-    scaled = (pixels.astype(np.float64) * _RESCALE).astype(np.float32)
-    return ((scaled - _MEAN) / _STD).transpose(2, 0, 1)
+    if min(image.size) < resize and height * width > _FULL_RESIZE_LIMIT * resize * resize:
+        pixels = _resize_crop_window(image, height, width, top, left, crop_size)
+    else:
+        resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
+        pixels = resized[top : top + crop_size, left : left + crop_size]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 crops ``(..., 3, S, S)`` to the model's float32 input, on their own device.
+
+    ``x / 255`` in float32 equals transformers' float64 ``x * (1/255)`` cast to float32 for
+    every uint8 value, and the mean and std steps are its float32 ones, so the result is
+    transformers' to the last bit on the CPU (and within float32 rounding on a GPU).
+    """
+    scaled = pixels.to(torch.float32) / 255
+    return (scaled - _MEAN.to(pixels.device)) / _STD.to(pixels.device)

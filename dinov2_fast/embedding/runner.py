@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .._resolve import (
@@ -43,15 +43,18 @@ from .._resolve import (
     dtype_name,
     first_line,
     load_model,
+    model_fingerprint,
     model_identity,
+    quoted,
     resolve_device,
     resolve_dtype,
 )
-from .engine import ImageRows, collate, feature_shape, pool_output
-from .preprocess import resize_size_for
+from .engine import StageTimes, feature_shape, iter_features
+from .lock import RunLock
+from .preprocess import check_decode, resize_size_for
 from .ranks import Ranks
-from .sinks import check_space, copy_rows, create_array, write_json
-from .sources import collect_inputs
+from .sinks import check_space, copy_rows, create_array, disk_full_names, write_json
+from .sources import Inputs, collect_inputs
 
 __all__ = ["EmbedResult", "embed_images", "manifest_path"]
 
@@ -93,12 +96,44 @@ def _partial_state(partial: Path) -> str | None:
     return "broken" if partial.exists() else None
 
 
+def _damaged(path: Path, reason: str) -> UserError:
+    return UserError(
+        f"{quoted(path)} is damaged ({reason}): rerun with --overwrite to start over "
+        "(its rows are lost), or move it away to keep it"
+    )
+
+
+def _read_json(path: Path, required: dict[str, type]) -> dict[str, Any]:
+    """A run file or manifest, refused as damaged unless it holds the ``required`` fields."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(path, first_line(err)) from None
+    if not isinstance(value, dict):
+        raise _damaged(path, f"a JSON {type(value).__name__}, not an object")
+    for key, kind in required.items():
+        if not isinstance(value.get(key), kind):
+            raise _damaged(path, f"no {kind.__name__} {key!r}")
+    return value
+
+
+def _load_array(path: Path, rows: int) -> np.ndarray:
+    """A memory map of a run's ``.npy`` with one row per input, refused as damaged otherwise."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        raise _damaged(path, first_line(err)) from None
+    if array.ndim == 0 or array.shape[0] != rows:
+        raise _damaged(path, f"shape {array.shape}, expected {rows} rows")
+    return array
+
+
 def _complete_finish(out: Path) -> bool:
     """Move a committed run's features and manifest into place (idempotent); True if one was."""
     partial = _partial_dir(out)
     if _partial_state(partial) != "finished":
         return False
-    finished = json.loads((partial / _FINISHED).read_text())
+    finished = _read_json(partial / _FINISHED, {"features_file": str, "manifest": dict})
     ready = partial / finished["features_file"]
     if ready.exists():
         os.replace(ready, out)
@@ -107,37 +142,46 @@ def _complete_finish(out: Path) -> bool:
     return True
 
 
-def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Before the model loads (rank 0): --out can be written, and nothing is lost silently."""
-    if _complete_finish(out):
-        print(f"completed the interrupted finish of {out}", file=sys.stderr)
+def _check_writable(out: Path) -> None:
+    """Before the model loads (rank 0): --out can be written."""
     try:
         if out.is_dir():
             raise OSError(errno.EISDIR, "it is a folder")
         for folder in (out.parent, *out.parent.parents):
             if folder.exists() and not folder.is_dir():
-                raise OSError(errno.ENOTDIR, f"{folder} is not a folder")
+                raise OSError(errno.ENOTDIR, f"{quoted(folder)} is not a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as err:
         reason = err.strerror or first_line(err)
         if err.filename:
-            reason += f": {err.filename}"
-        raise UserError(f"cannot write --out {out}: {reason}") from None
+            reason += f": {quoted(err.filename)}"
+        raise UserError(f"cannot write --out {quoted(out)}: {reason}") from None
+
+
+def _check_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before the model loads, under the run's lock (rank 0): nothing is lost silently."""
+    try:
+        if _complete_finish(out):
+            print(f"completed the interrupted finish of {quoted(out)}", file=sys.stderr)
+    except UserError:
+        # A damaged committed run is what --overwrite is for; _prepare removes it.
+        if not overwrite:
+            raise
     if resume or overwrite:
         return
     partial = _partial_dir(out)
     if _partial_state(partial) == "unfinished":
         raise UserError(
-            f"an unfinished run is in {partial}: rerun with --resume to continue it, "
+            f"an unfinished run is in {quoted(partial)}: rerun with --resume to continue it, "
             "or --overwrite to start over"
         )
     for existing in (out, manifest_path(out)):
         if existing.exists():
             raise UserError(
-                f"{existing} already exists: add --resume to keep its rows and embed only new "
-                "inputs, or --overwrite to replace it"
+                f"{quoted(existing)} already exists: add --resume to keep its rows and embed "
+                "only new inputs, or --overwrite to replace it"
             )
 
 
@@ -153,31 +197,50 @@ class _Previous:
 
 def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
-        if old.get(key) != value:
+        if old.get(key) == value:
+            continue
+        fix = "(rerun with --overwrite, or write to another --out)"
+        if key == "model_fingerprint":
             raise UserError(
-                f"cannot --resume {out}: it was written with {key}={old.get(key)!r}, this run "
-                f"has {value!r} (rerun with --overwrite, or write to another --out)"
+                f"cannot --resume {quoted(out)}: the weights of {quoted(new['model'])} changed "
+                f"since its rows were written, and rows of two models cannot share it {fix}"
             )
+        raise UserError(
+            f"cannot --resume {quoted(out)}: it was written with {key}={old.get(key)!r}, this "
+            f"run has {value!r} {fix}"
+        )
 
 
 def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
     partial = _partial_dir(out)
     if _partial_state(partial) == "unfinished":
-        run = json.loads((partial / "run.json").read_text())
+        run = _read_json(partial / "run.json", {"settings": dict, "inputs": list})
         _check_settings(out, run["settings"], settings)
-        status = np.load(partial / "status.npy", mmap_mode="r")
-        features = np.load(partial / "features.npy", mmap_mode="r")
+        rows = len(run["inputs"])
+        status = _load_array(partial / "status.npy", rows)
+        features = _load_array(partial / "features.npy", rows)
         return _Previous(run["inputs"], features, status == _DONE, unfinished=True)
     manifest = manifest_path(out)
     if manifest.is_file() and out.is_file():
-        written = json.loads(manifest.read_text())
+        written = _read_json(manifest, {"inputs": list})
         _check_settings(out, written, settings)
-        features = np.load(out, mmap_mode="r")
-        if features.shape[0] == len(written["inputs"]):
-            done = np.ones(len(written["inputs"]), dtype=bool)
-            return _Previous(written["inputs"], features, done, unfinished=False)
-        print(f"{manifest} does not describe {out}: starting over", file=sys.stderr)
+        features = _load_array(out, len(written["inputs"]))
+        done = np.ones(len(written["inputs"]), dtype=bool)
+        return _Previous(written["inputs"], features, done, unfinished=False)
     return None
+
+
+def _check_kept(out: Path, previous: _Previous, inputs: list[str]) -> None:
+    """A resume keeps every row written before: refuse one that would leave some out."""
+    given = set(inputs)
+    written = (p for p, done in zip(previous.inputs, previous.done, strict=True) if done)
+    dropped = [p for p in written if p not in given]
+    if dropped:
+        raise UserError(
+            f"cannot --resume {quoted(out)}: {len(dropped)} of its inputs are not among this "
+            f"run's, such as {quoted(dropped[0])}: give them again to keep their rows, or "
+            "rerun with --overwrite to drop them"
+        )
 
 
 def _start_partial(
@@ -188,7 +251,7 @@ def _start_partial(
     # The rows plus one status byte each; a run that skips files later needs room for a
     # compacted copy too, checked when it finishes.
     what = f"{len(inputs)} rows of features"
-    check_space(folder.parent, len(inputs) * (row_bytes + 1), what)
+    check_space(folder / "features.npy", len(inputs) * (row_bytes + 1), what)
     folder.mkdir(parents=True)
     write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
     features = create_array(folder / "features.npy", settings["features_dtype"], shape, what)
@@ -207,6 +270,8 @@ def _prepare(out: Path, inputs: list[str], settings: dict[str, Any], resume: boo
     """Set up the partial run (rank 0); returns the rows still to embed."""
     partial = _partial_dir(out)
     previous = _previous_run(out, settings) if resume else None
+    if previous is not None:
+        _check_kept(out, previous, inputs)
     if previous is not None and previous.unfinished and previous.inputs == inputs:
         # Same inputs as the interrupted run: continue in place, retrying skipped files.
         status = np.load(partial / "status.npy", mmap_mode="r+")
@@ -216,7 +281,10 @@ def _prepare(out: Path, inputs: list[str], settings: dict[str, Any], resume: boo
             log.unlink()
     else:
         if _partial_state(partial) == "unfinished" and not resume:
-            print(f"discarding the unfinished run in {partial} (--overwrite)", file=sys.stderr)
+            print(
+                f"discarding the unfinished run in {quoted(partial)} (--overwrite)",
+                file=sys.stderr,
+            )
         staging = partial.with_name(partial.name + ".new")
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -243,45 +311,58 @@ def _embed_rows(
     *,
     pool: str,
     crop_size: int,
+    decode: str,
     batch_size: int,
     workers: int,
     show_progress: bool,
+    verbose: bool,
     rank: int,
 ) -> None:
     features = np.load(partial / "features.npy", mmap_mode="r+")
     status = np.load(partial / "status.npy", mmap_mode="r+")
     features_dtype = getattr(torch, str(features.dtype))
-    prefix_tokens = 1 + model.config.num_register_tokens
-    loader = DataLoader(
-        ImageRows(inputs, rows, crop_size),
+    times = StageTimes()
+    batches = iter_features(
+        model,
+        inputs,
+        rows,
+        pool=pool,
+        crop_size=crop_size,
+        decode=decode,
         batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=model.device.type == "cuda",
+        workers=workers,
+        times=times,
     )
     progress = tqdm(
         total=len(rows), unit="img", desc="embed", file=sys.stderr, disable=not show_progress
     )
-    with open(partial / f"skipped-{rank}.jsonl", "a") as log, progress, torch.inference_mode():
-        for read_rows, pixels, failed in loader:
+    log_path = partial / f"skipped-{rank}.jsonl"
+    with open(log_path, "a") as log, progress:
+        for read_rows, pooled, failed in batches:
+            started = time.perf_counter()
             for row, reason in failed:
-                tqdm.write(f"skipped {inputs[row]}: {reason}", file=sys.stderr)
-                log.write(json.dumps({"row": row, "reason": reason}) + "\n")
+                tqdm.write(f"skipped {quoted(inputs[row])}: {reason}", file=sys.stderr)
+                with disk_full_names(log_path):
+                    log.write(json.dumps({"row": row, "reason": reason}) + "\n")
             if failed:
-                log.flush()
+                with disk_full_names(log_path):
+                    log.flush()
             if read_rows:
-                pixels = pixels.to(device=model.device, dtype=model.dtype, non_blocking=True)
-                pooled = pool_output(model(pixel_values=pixels), pool, prefix_tokens)
                 features[read_rows] = pooled.to(features_dtype).cpu().numpy()
             status[read_rows] = _DONE
             status[[row for row, _ in failed]] = _SKIPPED
+            times.write += time.perf_counter() - started
             progress.update(len(read_rows) + len(failed))
     features.flush()
     status.flush()
+    if verbose:
+        where = f"rank {rank}: " if rank else ""
+        print(f"{where}{times.summary(workers)}", file=sys.stderr)
 
 
-def _finish(out: Path) -> EmbedResult:
-    """Compact the partial run into the output and write the manifest (rank 0).
+def _finish(out: Path, unlisted: list[tuple[str, str]]) -> EmbedResult:
+    """Compact the partial run into the output and write the manifest (rank 0), which
+    lists the files the listing left out (``unlisted``) with those that could not be read.
 
     Crash-safe: writing ``finished.json`` commits; what follows, ``_complete_finish`` redoes.
     """
@@ -293,7 +374,8 @@ def _finish(out: Path) -> EmbedResult:
         raise UserError(f"{np.count_nonzero(status == _PENDING)} rows were never written")
     written = np.flatnonzero(status == _DONE)
     skipped_rows = np.flatnonzero(status == _SKIPPED)
-    result = EmbedResult(out, manifest_path(out), partial, len(written), len(skipped_rows))
+    skipped = len(skipped_rows) + len(unlisted)
+    result = EmbedResult(out, manifest_path(out), partial, len(written), skipped)
     if not len(written):
         # Nothing to show for the run: an earlier --out and its manifest stay as they were.
         return result
@@ -308,7 +390,7 @@ def _finish(out: Path) -> EmbedResult:
         features = np.load(partial / "features.npy", mmap_mode="r")
         shape = (len(written), *features.shape[1:])
         what = f"the {len(written)} rows read (free some, then rerun with --resume)"
-        check_space(partial.parent, features[:1].nbytes * len(written), what)
+        check_space(partial / ready, features[:1].nbytes * len(written), what)
         compact = create_array(partial / ready, features.dtype, shape, what)
         copy_rows(features, written, compact, np.arange(len(written)))
         compact.flush()
@@ -318,20 +400,25 @@ def _finish(out: Path) -> EmbedResult:
         "shape": [len(written), *settings["feature_shape"]],
         **settings,
         "inputs": [inputs[r] for r in written],
-        "skipped": [{"path": inputs[r], "reason": reasons.get(int(r), "?")} for r in skipped_rows],
+        "skipped": [
+            *({"path": path, "reason": reason} for path, reason in unlisted),
+            *({"path": inputs[r], "reason": reasons.get(int(r), "?")} for r in skipped_rows),
+        ],
     }
     write_json(partial / _FINISHED, {"features_file": ready, "manifest": manifest})
     _complete_finish(out)
     return result
 
 
-def _default_workers(device: torch.device) -> int:
-    # On the CPU the model, not decoding, is the bottleneck and wants the cores. On a GPU,
-    # decoding is: every core but the one feeding the GPU decodes, shared among the ranks.
-    if device.type != "cuda":
-        return 1
-    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, per_process - 1))
+def default_workers(device: torch.device) -> int:
+    """Decoding processes per process, from the cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # On a GPU, decoding is the bottleneck: every core but the one feeding the GPU decodes.
+    # On the CPU the model needs cores too: half of them decode.
+    if device.type == "cuda":
+        return max(1, min(16, per_process - 1))
+    return max(1, per_process // 2)
 
 
 def embed_images(
@@ -341,6 +428,7 @@ def embed_images(
     *,
     pool: str = "cls",
     crop_size: int = 224,
+    decode: str = "exact",
     batch_size: int = 64,
     dtype: str = "auto",
     device: str = "auto",
@@ -349,6 +437,7 @@ def embed_images(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    verbose: bool = False,
 ) -> EmbedResult:
     """Embed images to ``out`` (``.npy``) and its manifest; see the module docstring.
 
@@ -358,19 +447,26 @@ def embed_images(
     """
     out = Path(out)
     if out.suffix.lower() != ".npy":
-        raise UserError(f"--out must name a .npy file, got {out}")
+        raise UserError(f"--out must name a .npy file, got {quoted(out)}")
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
     if resume and overwrite:
         raise UserError("--resume keeps the earlier rows and --overwrite drops them: pick one")
+    check_decode(decode)
     ranks = Ranks.from_env()
+    lock = RunLock(out)
     try:
 
-        def check() -> list[str]:
-            _check_out(out, resume=resume, overwrite=overwrite)
-            return collect_inputs(patterns)
+        def check() -> Inputs:
+            _check_writable(out)
+            lock.acquire()
+            _check_existing(out, resume=resume, overwrite=overwrite)
+            listing = collect_inputs(patterns)
+            for path, reason in listing.skipped:
+                print(f"skipped {quoted(path)}: {reason}", file=sys.stderr)
+            return listing
 
-        inputs = ranks.on_rank0(check)
+        inputs, unlisted = ranks.on_rank0(check)
         torch_device = resolve_device(device, ranks.local_rank)
         if torch_device.type == "cuda":
             # Pinned host memory and stray allocations follow the current device, not cuda:0.
@@ -381,9 +477,11 @@ def embed_images(
         check_image_size(crop_size, config.patch_size, "--size")
         settings = {
             "model": model_identity(model),
+            "model_fingerprint": model_fingerprint(model),
             "pool": pool,
             "crop_size": crop_size,
             "resize_size": resize_size_for(crop_size),
+            "decode": decode,
             "model_dtype": dtype_name(torch_dtype),
             # numpy has no bfloat16: those features are stored as float32.
             "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
@@ -397,12 +495,15 @@ def embed_images(
             np.array_split(pending, ranks.world)[ranks.rank],
             pool=pool,
             crop_size=crop_size,
+            decode=decode,
             batch_size=batch_size,
-            workers=_default_workers(torch_device) if workers is None else workers,
+            workers=default_workers(torch_device) if workers is None else workers,
             show_progress=show_progress and ranks.rank == 0,
+            verbose=verbose,
             rank=ranks.rank,
         )
         ranks.barrier()
-        return ranks.on_rank0(lambda: _finish(out))
+        return ranks.on_rank0(lambda: _finish(out, unlisted))
     finally:
+        lock.release()
         ranks.close()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._resolve import UserError
+from .._resolve import UserError, quoted
 
-__all__ = ["check_space", "copy_rows", "create_array", "write_json"]
+__all__ = ["check_space", "copy_rows", "create_array", "disk_full_names", "write_json"]
 
 _COPY_CHUNK_BYTES = 64 << 20
 
@@ -28,9 +30,25 @@ def copy_rows(
         target[target_rows[chunk]] = source[source_rows[chunk]]
 
 
+@contextlib.contextmanager
+def disk_full_names(path: Path) -> Iterator[None]:
+    """A full disk while writing ``path`` becomes a one-line error naming it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(
+            f"no space left on the device to write {quoted(path)}: free some, then rerun "
+            "with --resume to continue"
+        ) from None
+
+
 def write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON, never leaving it half written."""
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(value, indent=1) + "\n")
+    with disk_full_names(path):
+        staging.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(staging, path)
 
 
@@ -38,12 +56,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def check_space(folder: Path, needed: int, what: str) -> None:
+def check_space(path: Path, needed: int, what: str) -> None:
+    """Refuse to start writing ``path`` (``what``, ``needed`` bytes) on a disk without room."""
+    folder = next(p for p in path.parents if p.exists())
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise UserError(
-            f"not enough disk space in {folder} for {what}: {_size(needed)} needed, "
-            f"{_size(free)} free"
+            f"not enough disk space to write {quoted(path)} for {what}: {_size(needed)} "
+            f"needed, {_size(free)} free"
         )
 
 
@@ -53,16 +73,16 @@ def create_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> n
     A memory map over a sparse file takes its blocks as pages are written, and a full disk
     then kills the process with SIGBUS; allocating up front makes it an error here instead.
     """
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with disk_full_names(path):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     if hasattr(os, "posix_fallocate"):
         fd = os.open(path, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                # path is in the partial folder (or its staging one), beside --out.
                 raise UserError(
-                    f"not enough disk space in {path.parent.parent} for {what}: "
+                    f"not enough disk space to write {quoted(path)} for {what}: "
                     f"{_size(os.fstat(fd).st_size)} needed"
                 ) from None
             # Filesystems without allocation support keep the disk-usage check only.

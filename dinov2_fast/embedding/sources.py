@@ -11,14 +11,16 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
-from .._resolve import UserError
+from .._resolve import UserError, quoted
 
-__all__ = ["collect_inputs"]
+__all__ = ["Inputs", "collect_inputs"]
 
 # Formats Pillow can read (some of its registered extensions, such as .pdf, are write-only).
 _IMAGE_SUFFIXES = frozenset(
@@ -96,16 +98,18 @@ def _recursive_glob(pattern: str) -> list[str]:
     return sorted(images)
 
 
-def _expand(pattern: str) -> list[str]:
+def _expand(pattern: str) -> tuple[list[str], bool]:
+    """The image paths of one input, and whether they were listed (from a folder or glob)
+    rather than named."""
     if os.path.isdir(pattern):
         images = _images_under(pattern)
         if not images:
-            raise UserError(f"no images in folder {pattern} ({_accepted()})")
-        return images
+            raise UserError(f"no images in folder {quoted(pattern)} ({_accepted()})")
+        return images, True
     if os.path.exists(pattern):
-        return [os.path.normpath(pattern)]
+        return [os.path.normpath(pattern)], False
     if not glob.has_magic(pattern):
-        raise UserError(f"no such file or folder: {pattern}")
+        raise UserError(f"no such file or folder: {quoted(pattern)}")
     if "**" in pattern:
         images = _recursive_glob(pattern)
     else:
@@ -116,15 +120,52 @@ def _expand(pattern: str) -> list[str]:
             elif _is_image_name(match):
                 images.append(os.path.normpath(match))
     if not images:
-        raise UserError(f"no images match {pattern} ({_accepted()})")
-    return images
+        raise UserError(f"no images match {quoted(pattern)} ({_accepted()})")
+    return images, True
 
 
-def collect_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files, folders (recursive) and globs to image paths, in row order (module docstring)."""
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _not_regular(path: str) -> str | None:
+    """Why a listed path is no file to read (reading a FIFO waits forever), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # a broken link: reading it fails, and the run says why
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'not a file')})"
+
+
+class Inputs(NamedTuple):
+    """The paths to embed, in row order, and the listed paths left out, with the reason."""
+
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def collect_inputs(patterns: Sequence[str]) -> Inputs:
+    """Files, folders (recursive) and globs to image paths, in row order (module docstring).
+
+    Folders and globs list regular files (and links to them) only; anything else they meet
+    (a FIFO, a device) is left out and named in ``skipped``. A path named on its own is read
+    whatever it is, so a pipe can be an input.
+    """
     # A file is known by its real path and listed under the first path that reached it.
     chosen: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
     for pattern in patterns:
-        for path in _expand(pattern):
-            chosen.setdefault(os.path.realpath(path), path)
-    return list(chosen.values())
+        paths, listed = _expand(pattern)
+        for path in paths:
+            reason = _not_regular(path) if listed else None
+            if reason is not None:
+                skipped.append((path, reason))
+            else:
+                chosen.setdefault(os.path.realpath(path), path)
+    return Inputs(list(chosen.values()), skipped)

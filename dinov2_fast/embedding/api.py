@@ -1,0 +1,91 @@
+"""``dinov2_fast.embed``: images in memory or on disk to a tensor of features, in one call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .._resolve import (
+    POOLS,
+    UserError,
+    check_image_size,
+    load_model,
+    quoted,
+    resolve_device,
+    resolve_dtype,
+)
+from .engine import ImageItem, StageTimes, iter_features
+from .preprocess import check_decode
+
+__all__ = ["embed"]
+
+
+def _describe(index: int, item: ImageItem) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return f"image {index} ({quoted(item)})"
+    return f"image {index} ({type(item).__name__})"
+
+
+def embed(
+    images: Sequence[ImageItem],
+    model: str | torch.nn.Module,
+    *,
+    pool: str = "cls",
+    batch_size: int = 64,
+    crop_size: int = 224,
+    decode: str = "exact",
+    workers: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Embed ``images`` with a DINOv2 model; returns float32 features on the CPU, one row per
+    image in order: ``(N, D)`` (``(N, 2D)`` for ``cls+mean``, ``(N, patches, D)`` for
+    ``patch``).
+
+    ``images`` may mix file paths, a file's bytes, PIL images, and uint8 numpy arrays or
+    tensors (HxW, HxWxC or CxHxW). They go through the command line's pipeline (the same
+    code): transformers' ``BitImageProcessor`` pixels, normalised on the model's device.
+    ``model`` is a loaded model (dinov2_fast's or transformers' DINOv2, used where it is) or
+    what ``dinov2-fast embed --model`` takes (then ``device``, ``dtype`` and ``backend``
+    apply). ``workers`` decoding processes (0: in this process). An image that cannot be
+    read raises ``ValueError`` naming it.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    try:
+        check_decode(decode)
+        if isinstance(model, str):
+            torch_device = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, torch_device)
+            model = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
+        check_image_size(crop_size, model.config.patch_size, "crop_size")
+    except UserError as err:
+        raise ValueError(str(err)) from None
+    items = list(images)
+    rows = np.arange(len(items))
+    features: list[torch.Tensor] = []
+    for _, pooled, failed in iter_features(
+        model,
+        items,
+        rows,
+        pool=pool,
+        crop_size=crop_size,
+        decode=decode,
+        batch_size=batch_size,
+        workers=workers,
+        times=StageTimes(),
+    ):
+        if failed:
+            row, reason = failed[0]
+            raise ValueError(f"{_describe(row, items[row])} cannot be read: {reason}")
+        if pooled is not None:
+            features.append(pooled.float().cpu())
+    if not features:
+        raise ValueError("no images given")
+    return torch.cat(features)
