@@ -1,6 +1,6 @@
 """DINOv2 with transformers' module names, arguments and outputs: the plain PyTorch modules
-(the reference and CPU path) and the fused forward on ``dinov2_fast.ops`` (``fused_block``,
-``Dinov2Encoder.forward_fused``). Parameter names match transformers' on-disk
+(the reference and CPU path), which hand inference to the fused forward of
+``dinov2_fast.fused`` where it can run. Parameter names match transformers' on-disk
 checkpoint keys exactly, so ``state_dict()`` of each class is interchangeable with the
 transformers class of the same name.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import fused, ops
 from .config import Dinov2Config
 from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
@@ -258,95 +258,6 @@ class Dinov2DropPath(nn.Module):
         return hidden_states / keep * torch.floor(mask + keep)
 
 
-def uses_exact_gelu(config: Any) -> bool:
-    """Whether the FFN is an MLP with exact GELU (the fused GELU op's case)."""
-    return not config.use_swiglu_ffn and config.hidden_act == "gelu"
-
-
-def packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``[q | k | v]`` weight and bias of a self-attention module, for one QKV GEMM.
-
-    The query, key and value parameters are made views of one packed tensor (on first use,
-    and again whenever something gives them new storage: ``.to()``, ``deepcopy``,
-    ``load_state_dict(assign=True)``). The packed operands are then the live parameters:
-    no copy to keep in sync, no extra memory, and in-place updates, ``.data`` writes
-    included, are seen at once.
-    """
-    projections = (attention.query, attention.key, attention.value)
-    weights = [p.weight for p in projections]
-    biases = [p.bias for p in projections] if attention.query.bias is not None else []
-    if torch.compiler.is_compiling():
-        return torch.cat(weights), torch.cat(biases) if biases else None
-    weight = _packed_parameters(attention, "_dinov2_fast_packed_weight", weights)
-    bias = _packed_parameters(attention, "_dinov2_fast_packed_bias", biases) if biases else None
-    return weight, bias
-
-
-def _packed_parameters(module: nn.Module, name: str, params: list[nn.Parameter]) -> torch.Tensor:
-    packed = module.__dict__.get(name)
-    if packed is not None and packed.dtype == params[0].dtype:
-        # The packed tensor is kept alive here, so matching addresses mean the parameters
-        # are still views of it.
-        address = packed.data_ptr()
-        for param in params:
-            if param.data_ptr() != address or not param.is_contiguous():
-                break
-            address += param.numel() * param.element_size()
-        else:
-            return packed
-    with torch.no_grad(), torch.inference_mode(False):
-        packed = torch.cat([p.detach() for p in params])
-    for param, view in zip(params, packed.split([p.shape[0] for p in params]), strict=True):
-        param.data = view
-    module.__dict__[name] = packed
-    return packed
-
-
-def fused_block(
-    layer: nn.Module,
-    exact_gelu: bool,
-    hidden_states: torch.Tensor,
-    normed: torch.Tensor,
-    head_scale: torch.Tensor | None,
-    next_norm: nn.LayerNorm | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One block on the fused ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
-
-    ``layer`` is a ``Dinov2Layer`` of this library or of transformers (same module names).
-    Returns the block's output and, when ``next_norm`` is given (the next block's norm1 or
-    the final LayerNorm), its LayerNorm from the same pass over the residual stream.
-    """
-    attention = layer.attention.attention
-    weight, bias = packed_qkv(attention)
-    context = ops.attention(
-        F.linear(normed, weight, bias),
-        attention.num_attention_heads,
-        scale=attention.scaling,
-        head_scale=None if head_scale is None else head_scale.flatten(),
-    )
-    norm2 = layer.norm2
-    hidden_states, normed = ops.add_layerscale_layernorm(
-        hidden_states,
-        layer.attention.output.dense(context),
-        layer.layer_scale1.lambda1,
-        norm2.weight,
-        norm2.bias,
-        norm2.eps,
-    )
-    mlp = layer.mlp
-    if hasattr(mlp, "weights_in"):
-        ffn = mlp.weights_out(ops.swiglu(mlp.weights_in(normed)))
-    else:
-        hidden = mlp.fc1(normed)
-        ffn = mlp.fc2(ops.gelu(hidden) if exact_gelu else mlp.activation(hidden))
-    scale = layer.layer_scale2.lambda1
-    if next_norm is None:
-        return torch.addcmul(hidden_states, scale, ffn), None
-    return ops.add_layerscale_layernorm(
-        hidden_states, ffn, scale, next_norm.weight, next_norm.bias, next_norm.eps
-    )
-
-
 class Dinov2Layer(nn.Module):
     """Pre-norm block: ``x + ls1 * attn(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``."""
 
@@ -380,7 +291,6 @@ class Dinov2Encoder(nn.Module):
         self.layer = nn.ModuleList(Dinov2Layer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
         self.gradient_checkpointing_kwargs: dict[str, Any] = {"use_reentrant": False}
-        self.exact_gelu = uses_exact_gelu(config)
 
     def forward(
         self,
@@ -411,27 +321,6 @@ class Dinov2Encoder(nn.Module):
             None if all_hidden is None else tuple(all_hidden),
             None if all_probs is None else tuple(all_probs),
         )
-
-    def forward_fused(
-        self,
-        hidden_states: torch.Tensor,
-        head_mask: list[torch.Tensor | None],
-        output_hidden_states: bool,
-        final_norm: nn.LayerNorm,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """All blocks on the fused ops; returns ``final_norm`` of the last block's output
-        (fused into that block) and the per-layer outputs when asked for."""
-        first = self.layer[0].norm1
-        normed = ops.layer_norm(hidden_states, first.weight, first.bias, first.eps)
-        all_hidden = [hidden_states] if output_hidden_states else None
-        next_norms = [layer.norm1 for layer in self.layer[1:]] + [final_norm]
-        for layer, head_scale, next_norm in zip(self.layer, head_mask, next_norms, strict=True):
-            hidden_states, normed = fused_block(
-                layer, self.exact_gelu, hidden_states, normed, head_scale, next_norm
-            )
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-        return normed, None if all_hidden is None else tuple(all_hidden)
 
 
 class Dinov2PreTrainedModel(nn.Module):
@@ -489,39 +378,18 @@ class Dinov2PreTrainedModel(nn.Module):
         self.backend = backend
         return self
 
-    def _fused_backend(self, pixel_values: torch.Tensor, output_attentions: bool) -> str | None:
-        """The ops backend for the fused forward of this call, or None for the module path.
+    def set_plan(self, forced: str | dict[str, str] | None) -> Dinov2PreTrainedModel:
+        """Force the fused path's plan (``"unfused"``, ``"fused"``, ``"attention=sdpa:flash,..."``
+        or a ``{site: candidate}`` dict; see ``dinov2_fast.plan``); ``None`` goes back to the
+        measured plan. Overrides ``DINOV2_FAST_PLAN``."""
+        self._dinov2_fast_plan = fused.plan_text(forced)
+        return self
 
-        ``DINOV2_FAST_BACKEND`` overrides the model's backend. The module path serves calls
-        the kernels cannot: attention probabilities, active dropout, and gradients (no
-        backward kernels yet). ``"auto"`` fuses on CUDA only; ``"triton"`` also runs under
-        the Triton interpreter and raises where no kernel can run.
-        """
-        backend = os.environ.get(ops.BACKEND_ENV_VAR) or self.backend
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"{ops.BACKEND_ENV_VAR}={backend!r}; use one of {ops.BACKENDS}")
-        if backend == "torch":
-            return None
-        device = pixel_values.device
-        if backend == "triton" and not ops.triton_available(device):
-            raise RuntimeError(
-                f"backend='triton' cannot run on {device}: it needs CUDA and triton, or "
-                "TRITON_INTERPRET=1 for the CPU interpreter; use backend='auto' or 'torch'"
-            )
-        config = self.config
-        dropout = self.training and (
-            config.hidden_dropout_prob > 0
-            or config.attention_probs_dropout_prob > 0
-            or config.drop_path_rate > 0
+    def _fused_backend(self, pixel_values: torch.Tensor, output_attentions: bool) -> str | None:
+        """The ops backend of this call's fused forward, or None for the module path."""
+        return fused.fused_backend(
+            self, pixel_values, output_attentions, self.config._attn_implementation
         )
-        needs_grad = torch.is_grad_enabled() and (
-            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
-        if output_attentions or dropout or needs_grad or config.num_hidden_layers == 0:
-            return None
-        if backend == "auto" and not (device.type == "cuda" and ops.triton_available(device)):
-            return None
-        return backend
 
     def _encode(
         self,
@@ -533,19 +401,20 @@ class Dinov2PreTrainedModel(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, str]:
         """Embeddings and blocks: the final LayerNorm of the output, the per-layer outputs,
         the attention probabilities, and the ops backend that ran ("torch" for modules)."""
-        fused = self._fused_backend(pixel_values, output_attentions)
-        if fused is None:
-            embedded = self.embeddings(pixel_values, bool_masked_pos)
+        backend = self._fused_backend(pixel_values, output_attentions)
+        embedded = self.embeddings(pixel_values, bool_masked_pos)
+        if backend is None:
             last, hidden_states, attentions = self.encoder(
                 embedded, head_scales, output_attentions, output_hidden_states
             )
             return self.layernorm(last), hidden_states, attentions, "torch"
-        with ops.use_backend(fused):
-            embedded = self.embeddings(pixel_values, bool_masked_pos)
-            normed, hidden_states = self.encoder.forward_fused(
-                embedded, head_scales, output_hidden_states, self.layernorm
+        layers = self.encoder.layer
+        with fused.on_device(embedded.device):
+            run = fused.executor_for(self, self.config, layers, self.layernorm, embedded, backend)
+            normed, hidden_states = fused.run_blocks(
+                layers, run, embedded, head_scales, output_hidden_states, self.layernorm
             )
-        return normed, hidden_states, None, fused
+        return normed, hidden_states, None, backend
 
     # -- transformers' PreTrainedModel API ------------------------------------------------
 

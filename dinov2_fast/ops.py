@@ -68,9 +68,15 @@ def use_backend(backend: str) -> Iterator[None]:
 
 def current_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else the environment variable."""
+    return forced_backend() or "auto"
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``DINOV2_FAST_BACKEND``, or None."""
     if _forced_backends:
         return _forced_backends[-1]
-    return _check_backend(os.environ.get(BACKEND_ENV_VAR) or "auto", BACKEND_ENV_VAR)
+    backend = os.environ.get(BACKEND_ENV_VAR)
+    return _check_backend(backend, BACKEND_ENV_VAR) if backend else None
 
 
 def triton_available(device: torch.device | str) -> bool:

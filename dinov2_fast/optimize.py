@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
-from .modeling import fused_block, uses_exact_gelu
+from . import fused, ops
 
 __all__ = ["ATTENTION_IMPLEMENTATION", "optimize", "register_attention_implementation"]
 
@@ -93,12 +92,20 @@ def _recording_attentions() -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _needs_original(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    if torch.is_grad_enabled() and (
-        hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
-    ):
-        return True
-    return module.training or _recording_attentions()
+def _fused_ops_backend(module: nn.Module, hidden_states: torch.Tensor) -> str | None:
+    """The ops backend that may run this module fused now, or None for its own forward:
+    the kernels cannot run here, or the call needs gradients, training behaviour or the
+    attention probabilities transformers is recording."""
+    backend = ops.current_backend()
+    if backend == "torch" or not ops.triton_available(hidden_states.device):
+        if backend == "triton":
+            raise RuntimeError(
+                f"backend 'triton' is forced but the kernels cannot run on {hidden_states.device}"
+            )
+        return None
+    if module.training or fused.needs_grad(module, hidden_states) or _recording_attentions():
+        return None
+    return backend
 
 
 def _fused_layer_forward(
@@ -109,16 +116,20 @@ def _fused_layer_forward(
     Bound to each layer instance by ``optimize``; a module-level function (no closure), so
     ``copy.deepcopy`` rebinds it to the copy.
     """
-    extra = [*args, *kwargs.values()]
-    if any(a is not None for a in extra) or _needs_original(self, hidden_states):
+    backend = _fused_ops_backend(self, hidden_states)
+    if backend is None or any(a is not None for a in (*args, *kwargs.values())):
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    norm1 = self.norm1
-    normed = ops.layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps)
-    return fused_block(self, self._dinov2_fast_exact_gelu, hidden_states, normed, None, None)[0]
+    with fused.on_device(hidden_states.device):
+        run = fused.executor_for(
+            self, self._dinov2_fast_config, [self], None, hidden_states, backend
+        )
+        norm1 = self.norm1
+        normed = run.layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps)
+        return fused.fused_block(self, run, hidden_states, normed, None, None)[0]
 
 
 def _fused_layernorm_forward(self: nn.LayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
-    if _needs_original(self, hidden_states):
+    if _fused_ops_backend(self, hidden_states) is None:
         return type(self).forward(self, hidden_states)
     return ops.layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
@@ -137,7 +148,6 @@ def optimize(model: nn.Module) -> nn.Module:
             f"optimize() takes a transformers DINOv2 model ({', '.join(_SUPPORTED)}), got {name}; "
             "dinov2_fast's own models are fused already (model.set_backend('auto'))"
         )
-    exact_gelu = uses_exact_gelu(model.config)
     layers = [
         m for m in model.modules() if type(m).__name__.endswith("Layer") and hasattr(m, "mlp")
     ]
@@ -145,7 +155,8 @@ def optimize(model: nn.Module) -> nn.Module:
     for layer in layers:
         _check_layer(layer)
     for layer in layers:
-        layer._dinov2_fast_exact_gelu = exact_gelu
+        layer._dinov2_fast_config = model.config
+        fused.packed_qkv(layer.attention.attention)
         layer.forward = types.MethodType(_fused_layer_forward, layer)
     for norm in norms:
         norm.forward = types.MethodType(_fused_layernorm_forward, norm)

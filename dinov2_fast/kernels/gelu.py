@@ -22,11 +22,14 @@ from ._common import (
     autotune_row_tiles,
     check_vector,
     launch_row_tiles,
+    model_row_shapes,
     nearest_arch,
     output_rows,
     output_tensor,
     record_launch,
-    row_tile_specs,
+    row_bucket,
+    row_tiles,
+    specs_from_launches,
 )
 
 __all__ = ["compile_specs", "gelu"]
@@ -38,11 +41,11 @@ _TILES = {
     80: ((2, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8)),
     90: ((4, 1024, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8)),
 }
-_ALIGNED_ARGS = ("x_ptr", "bias_ptr", "out_ptr", "n_cols", "stride_x", "stride_out")
 _RSQRT2 = tl.constexpr(0.7071067811865476)
 
 
-@triton.jit
+# Row counts only bound masks: specialising on them would compile once per batch size.
+@triton.jit(do_not_specialize=("n_rows", "rows_bucket"))
 def _gelu_kernel(
     x_ptr,
     bias_ptr,
@@ -51,6 +54,7 @@ def _gelu_kernel(
     n_cols,
     stride_x,
     stride_out,
+    rows_bucket,
     HAS_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
@@ -74,7 +78,7 @@ def _gelu_kernel(
 @functools.cache
 def _autotuned_kernel(arch: int) -> triton.runtime.Autotuner:
     tiles = _TILES[nearest_arch(_TILES, arch)]
-    return autotune_row_tiles(_gelu_kernel, tiles, ["n_cols", "HAS_BIAS"])
+    return autotune_row_tiles(_gelu_kernel, tiles, ["n_cols", "rows_bucket", "HAS_BIAS"])
 
 
 def gelu(
@@ -86,21 +90,10 @@ def gelu(
     tensor; it must not overlap ``x`` (the autotuner replays the launch).
     """
     out = output_tensor(out, x.shape, x.dtype, x.device, (x,))
-    x_rows, out_rows = as_rows(x), output_rows(out)
-    n_rows, n_cols = x_rows.shape
-    if bias is not None:
-        check_vector("bias", bias, n_cols)
+    args = _launch_args(x, bias, out)
+    n_rows, n_cols = args[3], args[4]
     if n_rows == 0 or n_cols == 0:
         return out
-    args = (
-        x_rows,
-        x_rows if bias is None else bias,
-        out_rows,
-        n_rows,
-        n_cols,
-        x_rows.stride(0),
-        out_rows.stride(0),
-    )
     launch_row_tiles(
         _gelu_kernel, _autotuned_kernel, x.device, args, n_rows, n_cols, HAS_BIAS=bias is not None
     )
@@ -108,28 +101,34 @@ def gelu(
     return out
 
 
+def _launch_args(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments: one builder for the launch and the compile report."""
+    x_rows, n_rows, stride_x = as_rows(x)
+    n_cols = x.shape[-1]
+    if bias is not None:
+        check_vector("bias", bias, n_cols)
+    return (
+        x_rows,
+        x_rows if bias is None else bias,
+        out,
+        n_rows,
+        n_cols,
+        stride_x,
+        output_rows(out)[1],
+        row_bucket(n_rows),
+    )
+
+
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (dtype, bias, tile) the ahead-of-time report compiles for ``arch``."""
-    tiles = _TILES[nearest_arch(_TILES, arch)]
-    specs = []
-    for dtype in ("fp16", "bf16"):
-        signature = {
-            "x_ptr": f"*{dtype}",
-            "bias_ptr": f"*{dtype}",
-            "out_ptr": f"*{dtype}",
-            "n_rows": "i32",
-            "n_cols": "i32",
-            "stride_x": "i32",
-            "stride_out": "i32",
-        }
-        for has_bias in (False, True):
-            specs += row_tile_specs(
-                "gelu",
-                _gelu_kernel,
-                signature,
-                tiles,
-                _ALIGNED_ARGS,
-                constexprs={"HAS_BIAS": has_bias},
-                label=f"{dtype} {'bias' if has_bias else 'no-bias'}",
-            )
-    return specs
+    """Every compile of the model's launches (fc1 outputs of the default MLP models, bias
+    added by the GEMM, and the functional API's bias variant) under every tile, fp16, bf16."""
+    launches = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, width in model_row_shapes():
+            x = torch.empty(rows, 4 * width, dtype=dtype, device="meta")
+            for bias in (None, torch.empty(4 * width, dtype=dtype, device="meta")):
+                label = f"{str(dtype)[6:]} {'bias' if bias is not None else 'no-bias'}"
+                args = _launch_args(x, bias, torch.empty_like(x))
+                launches.append((label, args, {"HAS_BIAS": bias is not None}))
+    configs = row_tiles(_TILES[nearest_arch(_TILES, arch)])
+    return specs_from_launches("gelu", _gelu_kernel, launches, configs, arch)

@@ -10,6 +10,7 @@ one row with more warps. Statistics are fp32 whatever the input dtype.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -18,15 +19,19 @@ import triton.language as tl
 from ._common import (
     KernelSpec,
     as_rows,
+    cdiv,
     check_vector,
     device_arch,
-    divisibility_attrs,
     interpreter_tile,
-    interpreting,
+    is_interpreted,
+    model_row_shapes,
     nearest_arch,
+    next_power_of_2,
     output_rows,
     output_tensor,
     record_launch,
+    row_bucket,
+    specs_from_launches,
 )
 
 __all__ = ["add_layerscale_layernorm", "compile_specs", "layer_norm"]
@@ -41,7 +46,8 @@ _TILES = {
 _MAX_ROW_ELEMENTS_PER_THREAD = 32
 
 
-@triton.jit
+# Row counts only bound masks: specialising on them would compile once per batch size.
+@triton.jit(do_not_specialize=("n_rows", "rows_bucket"))
 def _layernorm_kernel(
     x_ptr,
     branch_ptr,
@@ -57,6 +63,7 @@ def _layernorm_kernel(
     stride_new_residual,
     stride_normed,
     eps,
+    rows_bucket,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -97,6 +104,9 @@ def _layernorm_kernel(
     )
 
 
+_INTERPRETED = is_interpreted(_layernorm_kernel)
+
+
 def _tile_configs(arch: int, block_d: int) -> list[tuple[int, int]]:
     """(BLOCK_ROWS, num_warps) candidates for one architecture and row width."""
     configs = []
@@ -113,10 +123,12 @@ def _autotuned_kernel(arch: int, block_d: int) -> triton.runtime.Autotuner:
         triton.Config({"BLOCK_ROWS": block_rows}, num_warps=warps, num_stages=1)
         for block_rows, warps in _tile_configs(arch, block_d)
     ]
-    return triton.autotune(configs=configs, key=["n_cols", "HAS_RESIDUAL"])(_layernorm_kernel)
+    return triton.autotune(configs=configs, key=["n_cols", "rows_bucket", "HAS_RESIDUAL"])(
+        _layernorm_kernel
+    )
 
 
-def _launch(
+def _launch_args(
     x: torch.Tensor,
     branch: torch.Tensor | None,
     scale: torch.Tensor | None,
@@ -125,50 +137,63 @@ def _launch(
     eps: float,
     new_residual: torch.Tensor | None,
     normed: torch.Tensor,
-) -> None:
+) -> tuple[tuple, dict[str, Any]]:
+    """The kernel's runtime arguments and constexprs: one builder for the launch and the
+    compile report, so the report compiles what runs."""
     has_residual = branch is not None
     if has_residual and branch.shape != x.shape:
         raise ValueError(f"branch {tuple(branch.shape)} does not match residual {tuple(x.shape)}")
-    x_rows = as_rows(x)
-    normed_rows = output_rows(normed)
-    n_rows, n_cols = x_rows.shape
+    x_rows, n_rows, stride_x = as_rows(x)
+    n_cols = x.shape[-1]
+    normed_stride = output_rows(normed)[1]
     for name, v in (("weight", weight), ("bias", bias), ("scale", scale)):
         if v is not None:
             check_vector(name, v, n_cols)
     # Plain LayerNorm passes x for the unused pointers so one signature serves both modes.
-    branch_rows = as_rows(branch) if has_residual else x_rows
-    new_residual_rows = output_rows(new_residual) if has_residual else x_rows
-    if n_rows == 0:
-        return
-    block_d = triton.next_power_of_2(n_cols)
+    if has_residual:
+        branch_rows, _, branch_stride = as_rows(branch)
+        new_residual_stride = output_rows(new_residual)[1]
+    else:
+        branch_rows, branch_stride = x_rows, stride_x
+        new_residual, new_residual_stride = x_rows, stride_x
     args = (
         x_rows,
         branch_rows,
         scale if has_residual else weight,
         weight,
         bias,
-        new_residual_rows,
-        normed_rows,
+        new_residual,
+        normed,
         n_rows,
         n_cols,
-        x_rows.stride(0),
-        branch_rows.stride(0),
-        new_residual_rows.stride(0),
-        normed_rows.stride(0),
+        stride_x,
+        branch_stride,
+        new_residual_stride,
+        normed_stride,
         eps,
+        row_bucket(n_rows),
     )
-    if interpreting():
+    return args, {"HAS_RESIDUAL": has_residual, "BLOCK_D": next_power_of_2(n_cols)}
+
+
+def _launch(*operands: Any) -> None:
+    args, constexprs = _launch_args(*operands)
+    n_rows, n_cols = args[7], args[8]
+    if n_rows:
+        _launcher(device_arch(args[0].device), n_rows, n_cols, constexprs["BLOCK_D"])(
+            *args, **constexprs
+        )
+    record_launch("add_layerscale_layernorm" if constexprs["HAS_RESIDUAL"] else "layer_norm")
+
+
+@functools.lru_cache(maxsize=1024)
+def _launcher(arch: int, n_rows: int, n_cols: int, block_d: int) -> Any:
+    """The launch callable of one shape, cached: a steady-state launch is the kernel call."""
+    if _INTERPRETED:
         block_rows, _ = interpreter_tile(n_rows, n_cols)
-        grid = (triton.cdiv(n_rows, block_rows),)
-        _layernorm_kernel[grid](
-            *args, HAS_RESIDUAL=has_residual, BLOCK_ROWS=block_rows, BLOCK_D=block_d
-        )
-    else:
-        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_ROWS"]),)
-        _autotuned_kernel(device_arch(x.device), block_d)[grid](
-            *args, HAS_RESIDUAL=has_residual, BLOCK_D=block_d
-        )
-    record_launch("add_layerscale_layernorm" if has_residual else "layer_norm")
+        launch = _layernorm_kernel[(cdiv(n_rows, block_rows),)]
+        return functools.partial(launch, BLOCK_ROWS=block_rows)
+    return _autotuned_kernel(arch, block_d)[lambda meta: (cdiv(n_rows, meta["BLOCK_ROWS"]),)]
 
 
 def layer_norm(
@@ -213,66 +238,36 @@ def add_layerscale_layernorm(
     return new_residual, normed
 
 
-# What the JIT specializes for the model's tensors: 16-byte-aligned pointers, D and row
-# strides multiples of 16 (all DINOv2 widths are).
-_ALIGNED_ARGS = (
-    "x_ptr",
-    "branch_ptr",
-    "scale_ptr",
-    "weight_ptr",
-    "bias_ptr",
-    "new_residual_ptr",
-    "normed_ptr",
-    "n_cols",
-    "stride_x",
-    "stride_branch",
-    "stride_new_residual",
-    "stride_normed",
-)
-
-
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (D, dtype, mode, config) the ahead-of-time report compiles for ``arch``."""
+    """Every compile of the model's launches (plain and fused, residual stream in the model's
+    dtype, the default models' widths) and of the fp32-residual-stream variant the
+    functional API accepts, under every tile, fp16 and bf16."""
+    launches = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, width in model_row_shapes():
+            for residual_dtype in (dtype, torch.float32):
+                meta = {"device": "meta"}
+                x = torch.empty(rows, width, dtype=residual_dtype, **meta)
+                vector = torch.empty(width, dtype=dtype, **meta)
+                normed = torch.empty(rows, width, dtype=dtype, **meta)
+                name = f"{str(dtype)[6:]} D={width} residual {str(residual_dtype)[6:]}"
+                if residual_dtype == dtype:
+                    plain = (x, None, None, vector, vector, 1e-6, None, normed)
+                    launches.append(("layer_norm", name, _launch_args(*plain)))
+                branch = torch.empty(rows, width, dtype=dtype, **meta)
+                fused = (x, branch, vector, vector, vector, 1e-6, torch.empty_like(x), normed)
+                launches.append(("add_layerscale_layernorm", name, _launch_args(*fused)))
     specs = []
-    # D=1024 compiles exactly as D=768 (same BLOCK_D; D is a runtime argument).
-    for n_cols in (384, 768, 1536, 4096):
-        block_d = triton.next_power_of_2(n_cols)
-        for dtype in ("fp16", "bf16"):
-            for has_residual in (False, True):
-                # The fused mode is compiled with an fp32 residual stream, its widest form.
-                residual_dtype = "fp32" if has_residual else dtype
-                signature = {
-                    "x_ptr": f"*{residual_dtype}",
-                    "branch_ptr": f"*{dtype}",
-                    "scale_ptr": f"*{dtype}",
-                    "weight_ptr": f"*{dtype}",
-                    "bias_ptr": f"*{dtype}",
-                    "new_residual_ptr": f"*{residual_dtype}",
-                    "normed_ptr": f"*{dtype}",
-                    "n_rows": "i32",
-                    "n_cols": "i32",
-                    "stride_x": "i32",
-                    "stride_branch": "i32",
-                    "stride_new_residual": "i32",
-                    "stride_normed": "i32",
-                    "eps": "fp32",
-                }
-                mode = "add_layerscale_layernorm" if has_residual else "layer_norm"
-                for block_rows, warps in _tile_configs(arch, block_d):
-                    specs.append(
-                        KernelSpec(
-                            name=mode,
-                            fn=_layernorm_kernel,
-                            signature=signature,
-                            constexprs={
-                                "HAS_RESIDUAL": has_residual,
-                                "BLOCK_ROWS": block_rows,
-                                "BLOCK_D": block_d,
-                            },
-                            num_warps=warps,
-                            num_stages=1,
-                            label=f"D={n_cols} {dtype} rows={block_rows} warps={warps}",
-                            extra={"attrs": divisibility_attrs(_layernorm_kernel, _ALIGNED_ARGS)},
-                        )
-                    )
+    for mode in ("layer_norm", "add_layerscale_layernorm"):
+        for block_d in sorted({c["BLOCK_D"] for m, _, (_, c) in launches if m == mode}):
+            group = [
+                (label, args, constexprs)
+                for m, label, (args, constexprs) in launches
+                if m == mode and constexprs["BLOCK_D"] == block_d
+            ]
+            configs = [
+                ({"BLOCK_ROWS": rows}, warps, 1, f"rows={rows} w{warps}")
+                for rows, warps in _tile_configs(arch, block_d)
+            ]
+            specs += specs_from_launches(mode, _layernorm_kernel, group, configs, arch)
     return specs

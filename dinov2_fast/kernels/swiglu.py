@@ -17,11 +17,14 @@ from ._common import (
     as_rows,
     autotune_row_tiles,
     launch_row_tiles,
+    model_row_shapes,
     nearest_arch,
     output_rows,
     output_tensor,
     record_launch,
-    row_tile_specs,
+    row_bucket,
+    row_tiles,
+    specs_from_launches,
 )
 
 __all__ = ["compile_specs", "swiglu"]
@@ -31,10 +34,10 @@ _TILES = {
     80: ((2, 1024, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8)),
     90: ((4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 1024, 8)),
 }
-_ALIGNED_ARGS = ("x_ptr", "out_ptr", "n_cols", "stride_x", "stride_out")
 
 
-@triton.jit
+# Row counts only bound masks: specialising on them would compile once per batch size.
+@triton.jit(do_not_specialize=("n_rows", "rows_bucket"))
 def _swiglu_kernel(
     x_ptr,
     out_ptr,
@@ -42,6 +45,7 @@ def _swiglu_kernel(
     n_cols,
     stride_x,
     stride_out,
+    rows_bucket,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
@@ -61,7 +65,8 @@ def _swiglu_kernel(
 
 @functools.cache
 def _autotuned_kernel(arch: int) -> triton.runtime.Autotuner:
-    return autotune_row_tiles(_swiglu_kernel, _TILES[nearest_arch(_TILES, arch)], ["n_cols"])
+    tiles = _TILES[nearest_arch(_TILES, arch)]
+    return autotune_row_tiles(_swiglu_kernel, tiles, ["n_cols", "rows_bucket"])
 
 
 def swiglu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,30 +79,31 @@ def swiglu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         raise ValueError(f"packed [gate | up] needs an even last dim, got {x.shape[-1]}")
     shape = (*x.shape[:-1], x.shape[-1] // 2)
     out = output_tensor(out, shape, x.dtype, x.device, (x,))
-    x_rows, out_rows = as_rows(x), output_rows(out)
-    n_rows, n_cols = out_rows.shape
+    args = _launch_args(x, out)
+    n_rows, n_cols = args[2], args[3]
     if n_rows == 0 or n_cols == 0:
         return out
-    args = (x_rows, out_rows, n_rows, n_cols, x_rows.stride(0), out_rows.stride(0))
     launch_row_tiles(_swiglu_kernel, _autotuned_kernel, x.device, args, n_rows, n_cols)
     record_launch("swiglu")
     return out
 
 
+def _launch_args(x: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments: one builder for the launch and the compile report."""
+    x_rows, n_rows, stride_x = as_rows(x)
+    stride_out = output_rows(out)[1]
+    return (x_rows, out, n_rows, out.shape[-1], stride_x, stride_out, row_bucket(n_rows))
+
+
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (dtype, tile) the ahead-of-time report compiles for ``arch``."""
-    tiles = _TILES[nearest_arch(_TILES, arch)]
-    specs = []
-    for dtype in ("fp16", "bf16"):
-        signature = {
-            "x_ptr": f"*{dtype}",
-            "out_ptr": f"*{dtype}",
-            "n_rows": "i32",
-            "n_cols": "i32",
-            "stride_x": "i32",
-            "stride_out": "i32",
-        }
-        specs += row_tile_specs(
-            "swiglu", _swiglu_kernel, signature, tiles, _ALIGNED_ARGS, label=dtype
-        )
-    return specs
+    """Every compile of the model's launches (giant's SwiGLU, hidden 4096, packed 8192, and
+    the other widths' ratio-4 hidden sizes) under every tile, fp16 and bf16."""
+    launches = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, width in model_row_shapes():
+            hidden = ((int(width * 4) * 2 // 3 + 7) // 8) * 8
+            x = torch.empty(rows, 2 * hidden, dtype=dtype, device="meta")
+            out = torch.empty(rows, hidden, dtype=dtype, device="meta")
+            launches.append((str(dtype)[6:], _launch_args(x, out), {}))
+    configs = row_tiles(_TILES[nearest_arch(_TILES, arch)])
+    return specs_from_launches("swiglu", _swiglu_kernel, launches, configs, arch)

@@ -1,0 +1,600 @@
+"""The fused forward (DESIGN.md §3) and its dispatch: one decision per forward, lean launches.
+
+Whether a forward can take the fused path (backend, device, gradients, what the call asks
+for) is decided once per forward by ``fused_backend``. The plan in force (``dinov2_fast.plan``)
+picks, per site, a kernel or its PyTorch counterpart; ``_Executor`` binds those choices to
+plain callables once per plan, so a block is GEMMs and direct calls. In eager mode the
+Triton launchers are called directly (a torch custom op costs ~30 us of host time per call);
+only while ``torch.compile`` traces do the sites go through ``torch.ops.dinov2_fast.*``, which
+the compiler sees as opaque calls.
+
+Used by this library's models and, one layer at a time, by ``optimize()``'d transformers
+models (same module names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, plan, reference
+
+__all__ = ["fused_backend", "fused_block", "packed_qkv", "run_blocks", "uses_exact_gelu"]
+
+
+def uses_exact_gelu(config: Any) -> bool:
+    """Whether the FFN is an MLP with exact GELU (the fused GELU op's case)."""
+    return not config.use_swiglu_ffn and config.hidden_act == "gelu"
+
+
+# -- gradients, decided without walking the parameters on every call --------------------
+
+# Bumped whenever any module registers a parameter or a submodule anywhere (torch's global
+# registration hooks), so a model's cached parameter list is known to be current.
+_registrations = [0]
+
+
+def _bump(*args: Any) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+def _parameters(model: nn.Module) -> tuple[nn.Parameter, ...]:
+    cached = model.__dict__.get("_dinov2_fast_parameters")
+    if cached is None or cached[0] != _registrations[0]:
+        cached = (_registrations[0], tuple(model.parameters()))
+        model.__dict__["_dinov2_fast_parameters"] = cached
+    return cached[1]
+
+
+def needs_grad(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether this call builds an autograd graph the kernels (no backward yet) cannot serve.
+    Free under ``no_grad``/``inference_mode``; otherwise one pass over a cached tuple."""
+    if not torch.is_grad_enabled():
+        return False
+    return inputs.requires_grad or any(p.requires_grad for p in _parameters(model))
+
+
+def fused_backend(
+    model: nn.Module, pixel_values: torch.Tensor, output_attentions: bool, attn_implementation: str
+) -> str | None:
+    """The ops backend for this forward of one of our models, or None for the module path.
+
+    ``DINOV2_FAST_BACKEND`` (or an ``ops.use_backend`` block) overrides the model's backend.
+    The module path serves what the kernels cannot: attention probabilities, an explicit
+    ``eager``/``sdpa`` attention implementation, active dropout, and gradients. ``"auto"``
+    fuses on CUDA only; ``"triton"`` also runs under the Triton interpreter and raises where
+    no kernel can run.
+    """
+    backend = ops.forced_backend() or model.backend
+    if backend == "torch":
+        return None
+    device = pixel_values.device
+    if backend == "triton" and not ops.triton_available(device):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device}: it needs CUDA and triton, or "
+            "TRITON_INTERPRET=1 for the CPU interpreter; use backend='auto' or 'torch'"
+        )
+    if backend == "auto" and not (device.type == "cuda" and ops.triton_available(device)):
+        return None
+    config = model.config
+    dropout = model.training and (
+        config.hidden_dropout_prob > 0
+        or config.attention_probs_dropout_prob > 0
+        or config.drop_path_rate > 0
+    )
+    if (
+        output_attentions
+        or attn_implementation in ("eager", "sdpa")
+        or dropout
+        or config.num_hidden_layers == 0
+        or needs_grad(model, pixel_values)
+    ):
+        return None
+    return backend
+
+
+# -- packed QKV weights -----------------------------------------------------------------
+
+
+def _packed_view(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one ``cat`` along dim 0 without copying, if they are contiguous
+    neighbours in one storage (else None)."""
+    first = params[0]
+    address = first.data_ptr()
+    for p in params:
+        if p.data_ptr() != address or not p.is_contiguous() or p.dtype != first.dtype:
+            return None
+        address += p.numel() * p.element_size()
+    shape = (sum(p.shape[0] for p in params), *first.shape[1:])
+    return first.as_strided(shape, first.stride())
+
+
+def _pack(params: list[nn.Parameter]) -> torch.Tensor:
+    """Give ``params`` one packed storage (each becomes a view of it); returns it."""
+    with torch.no_grad(), torch.inference_mode(False):
+        packed = torch.cat([p.detach() for p in params])
+    for param, view in zip(params, packed.split([p.shape[0] for p in params]), strict=True):
+        param.data = view
+    return packed
+
+
+def packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[q | k | v]`` weight and bias of a self-attention module, for one QKV GEMM.
+
+    The query, key and value parameters are made views of one packed tensor (on first use,
+    and again whenever something gives them new storage: ``.to()``, ``deepcopy``,
+    ``load_state_dict(assign=True)``), so the packed operand is a view of the live
+    parameters: no copy to keep in sync, no extra memory, in-place updates seen at once.
+    """
+    projections = (attention.query, attention.key, attention.value)
+    weights = [p.weight for p in projections]
+    biases = [p.bias for p in projections] if attention.query.bias is not None else None
+    weight = _packed_view(weights)
+    if weight is None:
+        weight = _pack(weights)
+    if biases is None:
+        return weight, None
+    bias = _packed_view(biases)
+    return weight, _pack(biases) if bias is None else bias
+
+
+@torch.library.custom_op("dinov2_fast::qkv_projection", mutates_args=())
+def _qkv_projection_op(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    v_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The QKV GEMM of a compiled forward: a view of the packed weights when the parameters
+    are packed (they are after any eager forward, ``optimize`` or ``tune``), else a copy."""
+    weights = [q_weight, k_weight, v_weight]
+    weight = _packed_view(weights)
+    if weight is None:
+        weight = torch.cat(weights)
+    bias = None
+    if q_bias is not None:
+        biases = [q_bias, k_bias, v_bias]
+        bias = _packed_view(biases)
+        if bias is None:
+            bias = torch.cat(biases)
+    return F.linear(x, weight, bias)
+
+
+@_qkv_projection_op.register_fake
+def _(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias) -> torch.Tensor:
+    rows = q_weight.shape[0] + k_weight.shape[0] + v_weight.shape[0]
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+# -- the site implementations a plan names ---------------------------------------------
+
+
+def _sdpa_attention(backend: str | None) -> Callable[..., torch.Tensor]:
+    if backend is None:
+        return reference.attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    forced = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[backend]
+
+    def attend(qkv: torch.Tensor, num_heads: int, **kwargs: Any) -> torch.Tensor:
+        with sdpa_kernel(forced):
+            return reference.attention(qkv, num_heads, **kwargs)
+
+    return attend
+
+
+def _triton_attention(config_name: str, compiling: bool) -> Callable[..., torch.Tensor]:
+    if compiling:
+        # The custom op autotunes over the same configs; it takes no config argument.
+        def traced(qkv, num_heads, *, scale=None, head_scale=None):
+            return ops._attention_op(qkv, num_heads, scale, head_scale, None, None)
+
+        return traced
+    from .kernels import attention
+
+    config = attention.AttentionConfig.from_name(config_name) if config_name else None
+
+    def launch(qkv, num_heads, *, scale=None, head_scale=None):
+        return attention.flash_attention(qkv, num_heads, scale, head_scale, config=config)[0]
+
+    return launch
+
+
+def _gelu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fc1 with GELU in cuBLASLt's epilogue (its tanh form on CUDA, exact erf on the CPU)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class _Executor:
+    """A plan bound to callables: what one block calls, with no decisions left to make."""
+
+    def __init__(self, chosen: plan.Plan, ffn_kind: str, compiling: bool) -> None:
+        self.plan = chosen
+        self.compiling = compiling
+        kind, _, detail = chosen.attention.partition(":")
+        if kind == "triton":
+            self.attention = _triton_attention(detail, compiling)
+        else:
+            self.attention = _sdpa_attention(detail or None)
+        if chosen.norm == "triton":
+            if compiling:
+                self.layer_norm = ops._layer_norm_op
+                self.add_norm = ops._add_layerscale_layernorm_op
+            else:
+                from .kernels import layernorm
+
+                self.layer_norm = layernorm.layer_norm
+                self.add_norm = layernorm.add_layerscale_layernorm
+        else:
+            self.layer_norm = reference.layer_norm
+            self.add_norm = reference.add_layerscale_layernorm
+        self.ffn = self._ffn(ffn_kind, chosen.ffn, compiling)
+
+    @staticmethod
+    def _ffn(ffn_kind: str, name: str, compiling: bool) -> Callable[[_BlockParts, Any], Any]:
+        """``ffn(parts, x)``: the block's FFN on its (in, out) GEMM weights."""
+        if ffn_kind == "mlp":
+            return lambda parts, x: parts.mlp.fc2(parts.mlp.activation(parts.mlp.fc1(x)))
+        if ffn_kind == "swiglu":
+            if name == "triton":
+                act = ops._swiglu_op if compiling else _kernel("swiglu", "swiglu")
+            else:
+                act = reference.swiglu
+        elif name == "epilogue":
+            return lambda parts, x: F.linear(
+                _gelu_epilogue(x, parts.ffn_in_weight, parts.ffn_in_bias),
+                parts.ffn_out_weight,
+                parts.ffn_out_bias,
+            )
+        elif name == "triton":
+            act = (lambda h: ops._gelu_op(h, None)) if compiling else _kernel("gelu", "gelu")
+        else:
+            act = F.gelu
+
+        def ffn(parts: _BlockParts, x: torch.Tensor) -> torch.Tensor:
+            hidden = act(F.linear(x, parts.ffn_in_weight, parts.ffn_in_bias))
+            return F.linear(hidden, parts.ffn_out_weight, parts.ffn_out_bias)
+
+        return ffn
+
+
+def _kernel(module: str, name: str) -> Callable[..., Any]:
+    import importlib
+
+    return getattr(importlib.import_module(f"dinov2_fast.kernels.{module}"), name)
+
+
+def ffn_kind(config: Any) -> str:
+    """``"swiglu"``, ``"gelu"`` (exact-GELU MLP) or ``"mlp"`` (another activation)."""
+    if config.use_swiglu_ffn:
+        return "swiglu"
+    return "gelu" if uses_exact_gelu(config) else "mlp"
+
+
+_EXECUTORS: dict[tuple[plan.Plan, str, bool], _Executor] = {}
+# The executors of compile traces, by text key: a traced forward looks its executor up here
+# with a key that ``_traced_executor_key`` (run as plain Python at trace time) made.
+_TRACED_EXECUTORS: dict[str, _Executor] = {}
+
+
+def _executor(chosen: plan.Plan, kind: str, compiling: bool) -> _Executor:
+    run = _EXECUTORS.get((chosen, kind, compiling))
+    if run is None:
+        run = _EXECUTORS[chosen, kind, compiling] = _Executor(chosen, kind, compiling)
+    return run
+
+
+# -- one block, all blocks ---------------------------------------------------------------
+
+
+def fused_block(
+    layer: nn.Module,
+    run: _Executor,
+    hidden_states: torch.Tensor,
+    normed: torch.Tensor,
+    head_scale: torch.Tensor | None,
+    next_norm: nn.LayerNorm | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One block on the plan's ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
+
+    ``layer`` is a ``Dinov2Layer`` of this library or of transformers (same module names).
+    Returns the block's output and, when ``next_norm`` is given (the next block's norm1 or
+    the final LayerNorm), its LayerNorm from the same pass over the residual stream.
+    """
+    parts = _BlockParts(layer) if run.compiling else _block_parts(layer)
+    context = run.attention(
+        parts.qkv(normed, run.compiling),
+        parts.heads,
+        scale=parts.scale,
+        head_scale=None if head_scale is None else head_scale.flatten(),
+    )
+    hidden_states, normed = run.add_norm(
+        hidden_states,
+        F.linear(context, parts.proj_weight, parts.proj_bias),
+        parts.layer_scale1,
+        parts.norm2_weight,
+        parts.norm2_bias,
+        parts.norm2_eps,
+    )
+    ffn = run.ffn(parts, normed)
+    if next_norm is None:
+        return torch.addcmul(hidden_states, parts.layer_scale2, ffn), None
+    return run.add_norm(
+        hidden_states, ffn, parts.layer_scale2, next_norm.weight, next_norm.bias, next_norm.eps
+    )
+
+
+class _BlockParts:
+    """What a fused block reads of a layer, gathered once: module attribute lookups cost a
+    fused block more host time than its kernel launches. Parameters are held as the live
+    objects (``.data`` writes and ``.to()`` are seen); a layer whose parameters or submodules
+    are re-registered gets new parts (``_block_parts``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attention = layer.attention.attention
+        self.attention = attention
+        self.heads = attention.num_attention_heads
+        self.scale = attention.scaling
+        dense = layer.attention.output.dense
+        self.proj_weight, self.proj_bias = dense.weight, dense.bias
+        self.layer_scale1 = layer.layer_scale1.lambda1
+        self.layer_scale2 = layer.layer_scale2.lambda1
+        norm2 = layer.norm2
+        self.norm2_weight, self.norm2_bias, self.norm2_eps = norm2.weight, norm2.bias, norm2.eps
+        self.mlp = mlp = layer.mlp
+        ffn_in, ffn_out = (
+            (mlp.weights_in, mlp.weights_out) if hasattr(mlp, "weights_in") else (mlp.fc1, mlp.fc2)
+        )
+        self.ffn_in_weight, self.ffn_in_bias = ffn_in.weight, ffn_in.bias
+        self.ffn_out_weight, self.ffn_out_bias = ffn_out.weight, ffn_out.bias
+        projections = (attention.query, attention.key, attention.value)
+        self._qkv_params = [p.weight for p in projections]
+        if attention.query.bias is not None:
+            self._qkv_params += [p.bias for p in projections]
+        self._qkv_addresses: tuple[int, ...] = ()
+        self._qkv_weight: torch.Tensor | None = None
+        self._qkv_bias: torch.Tensor | None = None
+
+    def qkv(self, normed: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """The QKV GEMM on the packed ``[q | k | v]`` weights (see ``packed_qkv``)."""
+        if compiling:
+            return _qkv_projection_op(normed, *self._qkv_params[:3], *self._qkv_tail())
+        addresses = tuple(p.data_ptr() for p in self._qkv_params)
+        if addresses != self._qkv_addresses:
+            # New storage (.to(), a re-pack): views of the packed tensors again.
+            self._qkv_weight, self._qkv_bias = packed_qkv(self.attention)
+            self._qkv_addresses = tuple(p.data_ptr() for p in self._qkv_params)
+        return F.linear(normed, self._qkv_weight, self._qkv_bias)
+
+    def _qkv_tail(self) -> list[torch.Tensor | None]:
+        return self._qkv_params[3:] if len(self._qkv_params) == 6 else [None, None, None]
+
+
+def _block_parts(layer: nn.Module) -> _BlockParts:
+    cached = layer.__dict__.get("_dinov2_fast_parts")
+    if cached is None or cached[0] != _registrations[0]:
+        cached = (_registrations[0], _BlockParts(layer))
+        layer.__dict__["_dinov2_fast_parts"] = cached
+    return cached[1]
+
+
+def run_blocks(
+    layers: list[nn.Module],
+    run: _Executor,
+    hidden_states: torch.Tensor,
+    head_scales: list[torch.Tensor | None],
+    output_hidden_states: bool,
+    final_norm: nn.LayerNorm,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Every block on the plan's ops; returns ``final_norm`` of the last block's output
+    (fused into that block) and the per-layer outputs when asked for."""
+    first = layers[0].norm1
+    normed = run.layer_norm(hidden_states, first.weight, first.bias, first.eps)
+    all_hidden = [hidden_states] if output_hidden_states else None
+    layers = list(layers)  # slicing a ModuleList registers modules (and builds one)
+    next_norms = [layer.norm1 for layer in layers[1:]] + [final_norm]
+    for layer, head_scale, next_norm in zip(layers, head_scales, next_norms, strict=True):
+        hidden_states, normed = fused_block(
+            layer, run, hidden_states, normed, head_scale, next_norm
+        )
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+    return normed, None if all_hidden is None else tuple(all_hidden)
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' for the forward."""
+    if device.type == "cuda" and torch.cuda.current_device() != device.index:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# -- choosing the executor -------------------------------------------------------------
+
+
+def model_signature(config: Any) -> str:
+    """The model part of a plan key: what the sites' shapes depend on besides B and N."""
+    return (
+        f"D{config.hidden_size} L{config.num_hidden_layers} H{config.num_attention_heads} "
+        f"{ffn_kind(config)} r{config.mlp_ratio}"
+    )
+
+
+def executor_for(
+    owner: nn.Module,
+    config: Any,
+    layers: Any,
+    final_norm: nn.LayerNorm,
+    hidden_states: torch.Tensor,
+    backend: str,
+) -> _Executor:
+    """The executor of this forward: the forced plan, the cached one, or one tuned now.
+    A compile trace takes the cached plan (or the default) as a constant of the graph."""
+    if torch.compiler.is_compiling():
+        key = _traced_executor_key(
+            backend,
+            owner.__dict__.get("_dinov2_fast_plan") or "",
+            str(hidden_states.device),
+            str(hidden_states.dtype),
+            model_signature(config),
+            ffn_kind(config),
+            layers[0].attention.attention.attention_head_size,
+            hidden_states.shape[0],
+            hidden_states.shape[1],
+        )
+        return _TRACED_EXECUTORS[key]
+    memo_key = (
+        backend,
+        owner.__dict__.get("_dinov2_fast_plan"),
+        os.environ.get(plan.PLAN_ENV_VAR),
+        hidden_states.device,
+        hidden_states.dtype,
+        hidden_states.shape[0],
+        hidden_states.shape[1],
+        model_signature(config),
+    )
+    run = _RESOLVED.get(memo_key)
+    if run is None:
+        record = resolve(owner, config, layers, final_norm, hidden_states, backend)
+        run = _RESOLVED[memo_key] = _executor(record.plan, ffn_kind(config), False)
+    return run
+
+
+# Executors already resolved for (backend, forced plans, device, dtype, B, N, model): a
+# steady-state forward finds its own here. Cleared whenever a plan is tuned.
+_RESOLVED: dict[tuple[Any, ...], _Executor] = {}
+
+
+def _traced_executor_key_impl(
+    backend: str,
+    forced: str,
+    device: str,
+    dtype: str,
+    model: str,
+    kind: str,
+    head_dim: int,
+    batch: int,
+    tokens: int,
+) -> str:
+    sites = plan.forced_sites(forced or None)
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."))
+    if backend == "triton":
+        chosen = _fused_default(torch.device(device), torch_dtype, head_dim, sites, backend)
+    else:
+        key = plan.plan_key(torch.device(device), torch_dtype, model, batch, tokens)
+        record = plan.lookup(key)
+        if record is None:
+            chosen = _fused_default(torch.device(device), torch_dtype, head_dim, sites, backend)
+        else:
+            chosen = record.plan.replace(**sites)
+    text = f"{chosen}|{kind}"
+    if text not in _TRACED_EXECUTORS:
+        _TRACED_EXECUTORS[text] = _Executor(chosen, kind, compiling=True)
+    return text
+
+
+# Run as plain Python while dynamo traces; its result is a constant of the graph.
+_traced_executor_key = torch._dynamo.assume_constant_result(_traced_executor_key_impl)
+
+
+def _attention_kernel_blocker(
+    device: torch.device, dtype: torch.dtype, head_dim: int
+) -> str | None:
+    """Why the attention kernel cannot serve this model's attention (None if it can)."""
+    if head_dim not in ops._ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {ops._ATTENTION_HEAD_DIMS}"
+    if dtype == torch.float32 and device.type == "cuda":
+        # Exact fp32 products spill registers in every tile shape (kernels/report.py).
+        return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
+    return None
+
+
+def _fused_default(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    forced: Mapping[str, str],
+    backend: str,
+) -> plan.Plan:
+    """Every site on its kernel, except attention where the kernel cannot take it (SDPA
+    then; an error with backend "triton"), and the forced sites."""
+    chosen = plan.FUSED
+    blocker = _attention_kernel_blocker(device, dtype, head_dim)
+    if blocker is not None and forced.get("attention", "triton").startswith("triton"):
+        if backend == "triton":
+            raise RuntimeError(f"backend 'triton' is forced but {blocker}")
+        chosen = chosen.replace(attention="sdpa")
+    return chosen.replace(**forced)
+
+
+def resolve(
+    owner: nn.Module,
+    config: Any,
+    layers: Any,
+    final_norm: nn.LayerNorm,
+    hidden_states: torch.Tensor,
+    backend: str,
+    *,
+    timer: plan.Timer | None = None,
+    retune: bool = False,
+) -> plan.PlanRecord:
+    """The plan record for this forward's shape (see ``dinov2_fast.plan``).
+
+    ``backend="triton"`` runs every site on its kernel (sites forced by ``set_plan`` or
+    ``DINOV2_FAST_PLAN`` excepted). ``"auto"`` uses the cached plan for the shape, tuning it
+    now (on ``layers[0]``'s real input) when there is none and tuning can run; ``timer``
+    (tests, ``tune``) tunes whatever the backend.
+    """
+    forced = plan.forced_sites(owner.__dict__.get("_dinov2_fast_plan"))
+    device, dtype = hidden_states.device, hidden_states.dtype
+    head_dim = layers[0].attention.attention.attention_head_size
+    if backend == "triton" and timer is None:
+        chosen = _fused_default(device, dtype, head_dim, forced, backend)
+        return plan.PlanRecord(chosen, "backend 'triton': every site on its kernel")
+    key = plan.plan_key(
+        device, dtype, model_signature(config), hidden_states.shape[0], hidden_states.shape[1]
+    )
+    record = None if retune else plan.lookup(key)
+    if record is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if timer is None and (capturing or device.type != "cuda"):
+            chosen = _fused_default(device, dtype, head_dim, forced, backend)
+            return plan.PlanRecord(chosen, "not tuned for this shape, and tuning cannot run here")
+        from ._tuning import tune_layer
+
+        record = tune_layer(
+            layers, final_norm, hidden_states, ffn_kind(config), forced, timer or plan.cuda_timer
+        )
+        plan.remember(key, record)
+        plan.log_tuned(key, record)
+        _RESOLVED.clear()
+    if forced:
+        chosen = record.plan.replace(**forced)
+        return plan.PlanRecord(chosen, f"forced by set_plan or {plan.PLAN_ENV_VAR}")
+    return record
+
+
+def plan_text(forced: str | Mapping[str, str] | None) -> str | None:
+    """A plan given to ``set_plan`` as validated text (raises ValueError), or None."""
+    if forced is None:
+        return None
+    return ",".join(f"{site}={name}" for site, name in plan.parse_plan(forced).items())
