@@ -134,6 +134,8 @@ def _complete_finish(out: Path) -> bool:
     if _partial_state(partial) != "finished":
         return False
     finished = _read_json(partial / _FINISHED, {"features_file": str, "manifest": dict})
+    if finished["features_file"] not in ("features.npy", "compact.npy"):
+        raise _damaged(partial / _FINISHED, f"features_file {finished['features_file']!r}")
     ready = partial / finished["features_file"]
     if ready.exists():
         os.replace(ready, out)

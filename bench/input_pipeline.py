@@ -1,0 +1,157 @@
+"""Input-pipeline throughput on the CPU: ``python -m bench.input_pipeline``.
+
+Images/s from a file on disk to the model's input (normalised 224x224 float32), for VGA
+JPEGs, 12-megapixel JPEGs and PNGs: transformers' ``load_image`` + ``BitImageProcessor``
+(PIL backend, configured as the facebook/dinov2-* checkpoints), against our pipeline in
+``--decode exact`` and ``--decode fast``. Two figures per pipeline: one process on one
+core (images/s per core), and ours with a decoding process per core as ``embed`` runs it
+(transformers has no such mode; its column stays the one-process figure). Then how far
+``fast`` is from ``exact``: the largest difference in normalised units and the feature
+cosine on a dinov2-small-shaped random-weight model.
+
+The images are drawn (smooth colour fields with noise, which JPEG codes like photos) and
+cached under ``--dir``. Results and the machine they ran on are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinov2_fast._resolve import random_model
+from dinov2_fast.embedding.engine import crop_batches
+from dinov2_fast.embedding.preprocess import crop_pixels, load_image, normalize
+
+_CASES = {
+    # name: (width, height, format, images)
+    "VGA JPEG": (640, 480, "JPEG", 24),
+    "12 MP JPEG": (4000, 3000, "JPEG", 6),
+    "VGA PNG": (640, 480, "PNG", 12),
+}
+_MEAN = [0.485, 0.456, 0.406]
+_STD = [0.229, 0.224, 0.225]
+
+
+def _draw(path: Path, width: int, height: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    scale = max(width, height) / 8
+    channels = [
+        128 + 100 * np.sin(x / scale + c + seed) * np.cos(y / (0.7 * scale) - c) for c in range(3)
+    ]
+    pixels = np.stack(channels, -1) + rng.normal(0, 10, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
+
+
+def _images(folder: Path, name: str) -> list[Path]:
+    width, height, fmt, count = _CASES[name]
+    suffix = ".jpg" if fmt == "JPEG" else ".png"
+    paths = [folder / f"{width}x{height}_{i}{suffix}" for i in range(count)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, path in enumerate(paths):
+        if not path.is_file():
+            _draw(path, width, height, seed)
+    return paths
+
+
+def _rate(work, paths: list[Path], seconds: float) -> float:
+    """Images/s of ``work(path)`` over the paths, repeated for at least ``seconds``."""
+    work(paths[0])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for path in paths:
+            work(path)
+        done += len(paths)
+    return done / (time.perf_counter() - started)
+
+
+def _transformers(crop: int = 224):
+    import transformers
+    from transformers.image_utils import load_image as hf_load_image
+
+    processor = transformers.BitImageProcessorPil(
+        size={"shortest_edge": round(crop * 256 / 224)},
+        crop_size={"height": crop, "width": crop},
+        resample=3,
+        image_mean=_MEAN,
+        image_std=_STD,
+    )
+    return lambda path: processor(hf_load_image(str(path)), return_tensors="pt")
+
+
+def _ours(decode: str):
+    draft = 256 if decode == "fast" else None
+    return lambda path: normalize(torch.from_numpy(crop_pixels(load_image(path, draft_size=draft))))
+
+
+def _pipeline_rate(paths: list[Path], decode: str, workers: int, expected: float, seconds: float):
+    """Images/s of embed's decoding processes, with the normalisation of each batch, from the
+    first batch on (the processes' start-up is paid once per run, not per image)."""
+    count = max(4 * 16 * workers, int(expected * workers * seconds))
+    items = [str(paths[i % len(paths)]) for i in range(count)]
+    batches = crop_batches(
+        items, np.arange(count), crop_size=224, decode=decode, batch_size=16, workers=workers
+    )
+    _, pixels, _, _ = next(batches)
+    normalize(pixels)
+    done, started = 0, time.perf_counter()
+    for _, pixels, _, _ in batches:
+        normalize(pixels)
+        done += len(pixels)
+    return done / (time.perf_counter() - started)
+
+
+def _difference(paths: list[Path]) -> tuple[float, float]:
+    """Largest |fast - exact| in normalised units, and the lowest feature cosine."""
+    model = random_model("small")
+    exact = torch.stack([_ours("exact")(p) for p in paths])
+    fast = torch.stack([_ours("fast")(p) for p in paths])
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(
+            model(pixel_values=exact).pooler_output, model(pixel_values=fast).pooler_output
+        )
+    return (fast - exact).abs().max().item(), cosine.min().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("out/bench-inputs"))
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {cores} cores, "
+        f"torch {torch.__version__}, Pillow {Image.__version__}"
+    )
+    print(
+        "| images | transformers (1 core) | exact (1 core) | fast (1 core) "
+        f"| exact ({cores} workers) | fast ({cores} workers) "
+        "| fast vs exact: max diff, 1 - min cosine |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    transformers_work = _transformers()
+    for name in _CASES:
+        paths = _images(args.dir, name)
+        baseline = _rate(transformers_work, paths, args.seconds)
+        exact = _rate(_ours("exact"), paths, args.seconds)
+        fast = _rate(_ours("fast"), paths, args.seconds)
+        exact_all = _pipeline_rate(paths, "exact", cores, exact, args.seconds)
+        fast_all = _pipeline_rate(paths, "fast", cores, fast, args.seconds)
+        diff, cosine = _difference(paths)
+        cells = [f"{baseline:.1f}/s"] + [
+            f"{rate:.1f}/s ({rate / baseline:.2f}x)" for rate in (exact, fast, exact_all, fast_all)
+        ]
+        print(f"| {name} | {' | '.join(cells)} | {diff:.3f}, {1 - cosine:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
