@@ -2,6 +2,7 @@
 
 from .config import Dinov2Config, Dinov2WithRegistersConfig
 from .cuda_graph import cuda_graph
+from .fused import tune
 from .modeling import (
     Dinov2Backbone,
     Dinov2ForImageClassification,
@@ -44,4 +45,5 @@ __all__ = [
     "embed",
     "optimize",
     "register_attention_implementation",
+    "tune",
 ]

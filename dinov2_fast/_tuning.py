@@ -8,7 +8,6 @@ is first tuned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,7 +72,6 @@ def tune_layer(
     final_norm: nn.LayerNorm,
     hidden_states: torch.Tensor,
     kind: str,
-    forced: Mapping[str, str],
     timer: plan.Timer,
 ) -> plan.PlanRecord:
     """Choose the plan for ``hidden_states``' shape on ``layers[0]`` (see ``plan.choose``)."""
@@ -139,4 +137,4 @@ def tune_layer(
         run = _executor(chosen, kind, False)
         return lambda: fused_block(layer, run, hidden_states, normed, None, next_norm)
 
-    return plan.choose(sites, block, forced, timer)
+    return plan.choose(sites, block, timer)

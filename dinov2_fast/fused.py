@@ -556,6 +556,7 @@ def resolve(
     *,
     timer: plan.Timer | None = None,
     retune: bool = False,
+    may_tune: bool = True,
 ) -> plan.PlanRecord:
     """The plan record for this forward's shape (see ``dinov2_fast.plan``).
 
@@ -576,13 +577,16 @@ def resolve(
     record = None if retune else plan.lookup(key)
     if record is None:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if timer is None and (capturing or device.type != "cuda"):
+        if not may_tune or (timer is None and (capturing or device.type != "cuda")):
             chosen = _fused_default(device, dtype, head_dim, forced, backend)
-            return plan.PlanRecord(chosen, "not tuned for this shape, and tuning cannot run here")
+            reason = "not tuned for this shape yet: every site on its kernel until it is"
+            return plan.PlanRecord(chosen, reason)
         from ._tuning import tune_layer
 
+        # Every site is tuned, forced or not: the cache holds what is fastest, and forcing
+        # applies on top of it.
         record = tune_layer(
-            layers, final_norm, hidden_states, ffn_kind(config), forced, timer or plan.cuda_timer
+            layers, final_norm, hidden_states, ffn_kind(config), timer or plan.cuda_timer
         )
         plan.remember(key, record)
         plan.log_tuned(key, record)
@@ -598,3 +602,69 @@ def plan_text(forced: str | Mapping[str, str] | None) -> str | None:
     if forced is None:
         return None
     return ",".join(f"{site}={name}" for site, name in plan.parse_plan(forced).items())
+
+
+def _parts_of(model: nn.Module) -> tuple[nn.Module, Any, Any, nn.LayerNorm | None, nn.Module]:
+    """(embeddings, config, layers, final norm, plan owner) of one of our models or of an
+    ``optimize()``d transformers model."""
+    base = model
+    for name in ("dinov2", "dinov2_with_registers"):
+        base = (
+            getattr(base, name, base) if isinstance(getattr(base, name, None), nn.Module) else base
+        )
+    embeddings = getattr(base, "embeddings", None)
+    encoder = getattr(base, "encoder", None)
+    if embeddings is None or encoder is None:
+        raise TypeError(
+            f"tune() takes a dinov2_fast model or an optimize()d transformers DINOv2 model, "
+            f"got {type(model).__name__}"
+        )
+    layers = encoder.layer
+    if type(base).__module__.startswith("transformers."):
+        if "_dinov2_fast_config" not in layers[0].__dict__:
+            raise TypeError("this transformers model is not optimized: call optimize(model) first")
+        # Optimized layers resolve their plan one layer at a time, with no fused final norm.
+        return embeddings, base.config, layers, None, layers[0]
+    return embeddings, base.config, layers, base.layernorm, base
+
+
+def tune(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    timer: plan.Timer | None = None,
+    retune: bool = False,
+) -> plan.PlanRecord:
+    """Choose (or look up) the plan for ``pixel_values``' shape ahead of serving, so that no
+    live request pays for tuning; returns the record in force, with what was timed.
+
+    Runs on CUDA (CUDA-event timing); ``timer`` replaces the clock (tests drive the
+    selection on the CPU with it). ``retune=True`` times again even when a plan is cached.
+    """
+    embeddings, config, layers, final_norm, owner = _parts_of(model)
+    device = pixel_values.device
+    if timer is None and device.type != "cuda":
+        raise ValueError(
+            f"tune() times the candidates on a CUDA device; these inputs are on {device}"
+        )
+    with torch.no_grad(), on_device(device):
+        embedded = embeddings(pixel_values)
+        record = resolve(
+            owner, config, layers, final_norm, embedded, "auto", timer=timer, retune=retune
+        )
+    _RESOLVED.clear()
+    return record
+
+
+def plan_in_force(model: nn.Module, pixel_values: torch.Tensor) -> plan.PlanRecord | None:
+    """The plan a forward of ``model`` on ``pixel_values`` would run, and why; None when the
+    forward takes the module path (see ``fused_backend``). Never tunes."""
+    embeddings, config, layers, final_norm, owner = _parts_of(model)
+    backend = ops.forced_backend() or getattr(owner, "backend", "auto")
+    if backend == "torch" or not ops.triton_available(pixel_values.device):
+        return None
+    if backend == "auto" and pixel_values.device.type != "cuda":
+        return None
+    with torch.no_grad():
+        embedded = embeddings(pixel_values)
+    return resolve(owner, config, layers, final_norm, embedded, backend, may_tune=False)

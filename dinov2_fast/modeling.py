@@ -741,6 +741,11 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
         self.dinov2.set_backend(backend)
         return self
 
+    def set_plan(self, forced: str | dict[str, str] | None) -> Dinov2ForImageClassification:
+        super().set_plan(forced)
+        self.dinov2.set_plan(forced)
+        return self
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,

@@ -358,10 +358,7 @@ class Site:
 
 
 def choose(
-    sites: list[Site],
-    block: Callable[[Plan], Callable[[], object]],
-    forced: Mapping[str, str],
-    timer: Timer,
+    sites: list[Site], block: Callable[[Plan], Callable[[], object]], timer: Timer
 ) -> PlanRecord:
     """Time every candidate of every site, keep the fastest that passes the numerics rule,
     then keep that plan only if its whole block is not slower than the unfused block."""
@@ -370,9 +367,6 @@ def choose(
     times: dict[str, float] = {}
     rejected: dict[str, str] = {}
     for site in sites:
-        if site.name in forced:
-            chosen[site.name] = forced[site.name]
-            continue
         reference = site.reference()
         unfused_out = site.candidates[site.unfused]()
         best, best_ms = site.unfused, math.inf
@@ -391,7 +385,7 @@ def choose(
         chosen[site.name] = best
     plan = Plan(**{**dataclasses.asdict(UNFUSED), **chosen})
     reason = "fastest passing candidate per site"
-    if plan != UNFUSED and not forced:
+    if plan != UNFUSED:
         fused_ms = times["block=chosen"] = timer("block=chosen", block(plan))
         unfused_ms = times["block=unfused"] = timer("block=unfused", block(UNFUSED))
         if fused_ms > unfused_ms:
