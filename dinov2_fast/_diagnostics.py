@@ -1,4 +1,4 @@
-"""The ``info``, ``verify`` and ``bench`` commands."""
+"""The ``info``, ``verify``, ``bench`` and ``tune`` commands."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, fused, plan
 from ._resolve import (
     UserError,
     check_backend,
@@ -88,7 +88,57 @@ def info() -> int:
         ["backend triton", f"{'usable' if usable else 'not usable'}: {why}"],
         ["backend auto", "triton" if usable and device.type == "cuda" else "torch"],
     ]
+    forced_plan = os.environ.get(plan.PLAN_ENV_VAR)
+    if forced_plan:
+        rows.append([plan.PLAN_ENV_VAR, f"{forced_plan} (forces these sites of every plan)"])
+    plans = plan.cached_plans()
+    rows.append(["plan cache", f"{plan.cache_path()} ({len(plans)} tuned shapes)"])
     print(_table(rows))
+    if plans:
+        print("\ntuned plans (GPU | dtype | model | batch bucket | token bucket):")
+        print(_table([[key, str(record.plan), record.reason] for key, record in plans.items()]))
+    return 0
+
+
+def _plan_line(model: torch.nn.Module, pixels: torch.Tensor) -> str:
+    record = fused.plan_in_force(model, pixels)
+    if record is None:
+        return "plan: none (the PyTorch path runs)"
+    return f"plan: {record.plan} ({record.reason})"
+
+
+def tune(
+    model: str,
+    *,
+    batches: Sequence[int],
+    image_size: int,
+    dtype: str,
+    device: str,
+    backend: str,
+    retune: bool,
+) -> int:
+    """Tune and cache the fused path's plan for each batch size ahead of serving."""
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise UserError(f"tune times the candidates on a CUDA device; {torch_device} is not one")
+    if backend == "torch":
+        raise UserError("--backend torch runs no fused path, so it has no plan to tune")
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    ours = load_model(
+        model, dtype=torch_dtype, device=torch_device, backend="auto", allow_random_size=True
+    )
+    check_image_size(image_size, ours.config.patch_size, "--image-size")
+    for batch in batches:
+        pixels = torch.randn(
+            batch, 3, image_size, image_size, device=torch_device, dtype=torch_dtype
+        )
+        record = fused.tune(ours, pixels, retune=retune)
+        print(f"batch {batch}: {record.plan} ({record.reason})")
+        timed = sorted(record.times_ms.items(), key=lambda item: item[1])
+        print("  " + ", ".join(f"{label} {ms:.3f} ms" for label, ms in timed))
+        for label, why in record.rejected.items():
+            print(f"  rejected {label}: {why}")
+    print(f"saved to {plan.cache_path()}")
     return 0
 
 
@@ -243,7 +293,7 @@ def bench(
     twin = _transformers_twin(ours, torch_dtype, torch_device)
     if twin is not None:
         candidates.append((f"transformers {_version('transformers')}", twin))
-    rows = []
+    rows, plan_lines = [], []
     for batch in batches:
         pixels = torch.randn(
             batch, 3, image_size, image_size, device=torch_device, dtype=torch_dtype
@@ -253,6 +303,7 @@ def bench(
             for label, net in candidates:
                 step = functools.partial(net, pixel_values=pixels)
                 seconds[label] = _median_seconds(step, iters, torch_device)
+        plan_lines.append(f"batch {batch} {_plan_line(ours, pixels)}")
         baseline = seconds.get(candidates[-1][0])
         for label, spent in seconds.items():
             speedup = f"{baseline / spent:.2f}x" if twin is not None else "-"
@@ -262,6 +313,7 @@ def bench(
         f"{torch_device}, median of {iters}"
     )
     print(_table([["model", "batch", "ms/batch", "images/s", "vs transformers"], *rows]))
+    print("\n".join(plan_lines))
     if twin is None:
         print("(install transformers to compare against it)")
     return 0

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from ._diagnostics import bench, info, verify
+from ._diagnostics import bench, info, tune, verify
 from ._resolve import DECODES, DTYPES, POOLS, SIZES, SharedError, UserError, first_line, quoted
 from .ops import BACKENDS
 
@@ -172,7 +172,30 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(bench)
     bench.set_defaults(run=_run_diagnostic)
 
-    info = commands.add_parser("info", help="versions, device and usable backends")
+    tune = commands.add_parser(
+        "tune",
+        help="choose and cache the fast path's plan per batch size (CUDA)",
+        description="Time every candidate of each fusion site (attention kernel configs and "
+        "SDPA backends, GELU in the GEMM epilogue or in a kernel, fused or plain LayerNorm) on "
+        "random inputs of each batch size, keep the fastest that passes the numerics rule, and "
+        "cache it, so no live request pays for tuning. Needs a CUDA device.",
+    )
+    tune.add_argument("--model", default="small", help=_MODEL_HELP)
+    tune.add_argument(
+        "--batch",
+        dest="batches",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 64],
+        metavar="N",
+        help="batch sizes to tune (default: 1 64); batches share a plan up to the next power of 2",
+    )
+    tune.add_argument("--image-size", type=_positive_int, default=224)
+    tune.add_argument("--retune", action="store_true", help="time again even if a plan is cached")
+    _add_runtime_options(tune)
+    tune.set_defaults(run=_run_diagnostic)
+
+    info = commands.add_parser("info", help="versions, device, usable backends, tuned plans")
     info.set_defaults(run=_run_info)
     return parser
 
@@ -219,7 +242,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 def _run_diagnostic(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "model")}
-    return {"verify": verify, "bench": bench}[args.command](args.model, **options)
+    return {"verify": verify, "bench": bench, "tune": tune}[args.command](args.model, **options)
 
 
 def _run_info(args: argparse.Namespace) -> int:

@@ -261,3 +261,14 @@ def test_optimized_transformers_models_are_tuned_too():
     assert record.plan.norm == "triton"
     with pytest.raises(TypeError, match="not optimized"):
         dinov2_fast.tune(hf_model(**TINY), _pixels(), timer=FakeTimer())
+
+
+def test_the_cli_lists_tuned_plans_and_tune_needs_cuda(capsys):
+    from dinov2_fast import cli
+
+    dinov2_fast.tune(_model(), _pixels(), timer=FakeTimer({"norm=triton": 0.1}))
+    assert cli.main(["info"]) == 0
+    shown = capsys.readouterr().out
+    assert "1 tuned shapes" in shown and "norm=triton" in shown
+    assert cli.main(["tune", "--device", "cpu"]) == 2
+    assert "tune times the candidates on a CUDA device" in capsys.readouterr().err
