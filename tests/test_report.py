@@ -103,3 +103,53 @@ def test_problems_names_each_violation() -> None:
     assert "wgmma" in problems(_result(wgmma=False), 90)[0]
     assert problems(_result(module="dinov2_fast.kernels.gelu", wgmma=False), 90) == []
     assert "compile failed" in problems(_result(error="boom"), 90)[0]
+
+
+_SIGNATURE_CHECK = """
+import random
+import torch
+from dinov2_fast.kernels import attention as A
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+arch = 90
+specs = A.compile_specs(arch)
+labels = [s.label for s in specs]
+assert len(labels) == len(set(labels)), "duplicate compiles"
+compiled = {
+    (s.label.split()[2], tuple(s.signature.items()), str(s.constexprs), str(s.extra["attrs"]))
+    for s in specs
+}
+for config in A.candidate_configs(arch, 64):
+    for kinds in ["packed | split", "packed varlen", "packed head_scale | split head_scale",
+                  "packed varlen head_scale"]:
+        for dtype in ["fp16", "bf16"]:
+            assert f"{dtype} d64 {config.name} {kinds}" in labels, (config.name, kinds)
+backend = make_backend(GPUTarget("cuda", arch, 32))
+kernel = A._attention_fwd_kernel
+binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+# Shapes of the default models at batch sizes compile_specs never built: the JIT must
+# specialise them to a compile the report checked.
+rng = random.Random(0)
+for _ in range(12):
+    dtype = rng.choice([torch.float16, torch.bfloat16])
+    heads, tokens = rng.choice(A._MODEL_HEADS), rng.choice(A._MODEL_TOKENS)
+    batch = rng.randint(2, 63)
+    for kind, launch in A._launches(dtype, heads, 64, tokens, batch, True):
+        config = rng.choice(A.candidate_configs(arch, 64))
+        signature, constexprs, attrs = A._specialize(launch, config, backend, binder)
+        key = (config.name, tuple(signature.items()), str(constexprs), str(attrs))
+        assert key in compiled, (kind, heads, tokens, batch, config.name)
+print("ok", len(specs))
+"""
+
+
+def test_attention_specs_cover_every_default_model_launch() -> None:
+    """compile_specs lists each candidate x launch kind once, and a default model's launch
+    at any batch size specialises to one of its compiles (run without the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNATURE_CHECK], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -762,75 +762,62 @@ _MODEL_BATCHES = (1, 64)
 _OTHER_HEADS, _OTHER_TOKENS, _OTHER_BATCH = 8, 257, 2
 
 
-def _model_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
-    """(flags label, launch) for every launch of the default models in ``dtype``, built by
-    the launchers' own argument builders on meta tensors."""
+def _launches(
+    dtype: torch.dtype, heads: int, head_dim: int, tokens: int, batch: int, every_kind: bool
+) -> list[tuple[str, _Launch]]:
+    """(kind, launch) for one model shape, built by the launchers' own argument builders on
+    meta tensors: packed batched, and with ``every_kind`` also with head_scale, varlen and
+    transformers' split q/k/v."""
     meta = {"dtype": dtype, "device": "meta"}
+    width, scale = heads * head_dim, head_dim**-0.5
+    qkv = torch.empty(batch, tokens, 3 * width, **meta)
+    out = torch.empty(batch, tokens, width, **meta)
+    lse = torch.empty(batch, heads, tokens, device="meta")
+    packed = _packed_launch(qkv, heads, head_dim, scale, None, None, tokens, out, lse)
+    if not every_kind:
+        return [("packed", packed)]
     launches = []
-    for heads in _MODEL_HEADS:
-        width = heads * _MODEL_HEAD_DIM
-        scale = _MODEL_HEAD_DIM**-0.5
-        for tokens in _MODEL_TOKENS:
-            for batch in _MODEL_BATCHES:
-                for head_scale in (None, torch.empty(heads, **meta)):
-                    flags = "" if head_scale is None else " head_scale"
-                    qkv = torch.empty(batch, tokens, 3 * width, **meta)
-                    out = torch.empty(batch, tokens, width, **meta)
-                    lse = torch.empty(batch, heads, tokens, device="meta")
-                    launches.append(
-                        (
-                            "packed" + flags,
-                            _packed_launch(
-                                qkv, heads, _MODEL_HEAD_DIM, scale, head_scale, None, tokens,
-                                out, lse,
-                            ),
-                        )
-                    )  # fmt: skip
-                    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device="meta")
-                    launches.append(
-                        (
-                            "packed varlen" + flags,
-                            _packed_launch(
-                                qkv.flatten(0, 1), heads, _MODEL_HEAD_DIM, scale, head_scale,
-                                cu_seqlens, tokens, out.flatten(0, 1),
-                                torch.empty(heads, batch * tokens, device="meta"),
-                            ),
-                        )
-                    )  # fmt: skip
-                    # transformers' (B, N, H*Dh) projections viewed as (B, H, N, Dh).
-                    query, key, value = (
-                        torch.empty(batch, tokens, width, **meta)
-                        .unflatten(-1, (heads, _MODEL_HEAD_DIM))
-                        .transpose(1, 2)
-                        for _ in range(3)
-                    )
-                    split_out = out.unflatten(-1, (heads, _MODEL_HEAD_DIM))
-                    launches.append(
-                        (
-                            "split" + flags,
-                            _split_launch(query, key, value, scale, head_scale, split_out, lse),
-                        )
-                    )
+    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device="meta")
+    varlen_lse = torch.empty(heads, batch * tokens, device="meta")
+    # transformers' (B, N, H*Dh) projections viewed as (B, H, N, Dh).
+    query, key, value = (
+        torch.empty(batch, tokens, width, **meta).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        for _ in range(3)
+    )
+    split_out = out.unflatten(-1, (heads, head_dim))
+    for head_scale in (None, torch.empty(heads, **meta)):
+        flag = "" if head_scale is None else " head_scale"
+        launches += [
+            (
+                "packed" + flag,
+                _packed_launch(qkv, heads, head_dim, scale, head_scale, None, tokens, out, lse),
+            ),
+            (
+                "packed varlen" + flag,
+                _packed_launch(
+                    qkv.flatten(0, 1), heads, head_dim, scale, head_scale, cu_seqlens, tokens,
+                    out.flatten(0, 1), varlen_lse,
+                ),
+            ),
+            ("split" + flag, _split_launch(query, key, value, scale, head_scale, split_out, lse)),
+        ]  # fmt: skip
     return launches
 
 
-def _other_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
+def _report_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
     launches = []
-    batch, heads, tokens = _OTHER_BATCH, _OTHER_HEADS, _OTHER_TOKENS
+    for heads in _MODEL_HEADS:
+        for tokens in _MODEL_TOKENS:
+            for batch in _MODEL_BATCHES:
+                launches += _launches(dtype, heads, _MODEL_HEAD_DIM, tokens, batch, True)
     for head_dim in SUPPORTED_HEAD_DIMS:
-        if head_dim == _MODEL_HEAD_DIM:
-            continue
-        meta = {"dtype": dtype, "device": "meta"}
-        qkv = torch.empty(batch, tokens, 3 * heads * head_dim, **meta)
-        out = torch.empty(batch, tokens, heads * head_dim, **meta)
-        lse = torch.empty(batch, heads, tokens, device="meta")
-        launch = _packed_launch(qkv, heads, head_dim, head_dim**-0.5, None, None, tokens, out, lse)
-        launches.append(("packed", launch))
+        if head_dim != _MODEL_HEAD_DIM:
+            launches += _launches(dtype, _OTHER_HEADS, head_dim, _OTHER_TOKENS, _OTHER_BATCH, False)
     return launches
 
 
 def _specialize(
-    launch: _Launch, config: AttentionConfig, backend: Any
+    launch: _Launch, config: AttentionConfig, backend: Any, binder: Callable
 ) -> tuple[dict[str, str], dict[str, Any], dict]:
     """(signature, constexprs by name, attrs) the JIT derives for this launch and config.
 
@@ -838,10 +825,7 @@ def _specialize(
     ``JITFunction._pack_args``): int32/int64, divisibility by 16, and arguments that become
     constexprs (None, the integer 1), exactly as at run time.
     """
-    from triton.runtime.jit import create_function_from_signature
-
     kernel = _attention_fwd_kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {**launch.constexprs, **config._launch_options}
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     _, signature, constexprs, attrs = kernel._pack_args(
@@ -854,40 +838,45 @@ def _specialize(
 
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every compile the AOT report must check on sm_<arch>: each candidate config against
-    each distinct signature the default models launch (``_model_launches``), and against a
-    representative launch of each other supported head_dim, fp16 and bf16. Signatures come
-    from the launchers' own argument builders through Triton's own specialisation, so the
-    report compiles what runs; identical compiles are listed once. ``extra["attrs"]`` holds
-    the ASTSource attrs."""
+    each distinct signature the default models launch, and against a representative
+    launch of each other supported head_dim, fp16 and bf16. Signatures come from the
+    launchers' own argument builders through Triton's own specialisation, so the report
+    compiles what runs. Identical compiles are listed once, labelled with every launch
+    kind they serve. ``extra["attrs"]`` holds the ASTSource attrs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
-    specs, seen = [], set()
+    kernel = _attention_fwd_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    compiles: dict[tuple, tuple[str, AttentionConfig, tuple, list[str]]] = {}
     for dtype, dtype_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        for flags, launch in _model_launches(dtype) + _other_launches(dtype):
+        for kind, launch in _report_launches(dtype):
             head_dim = launch.constexprs["HEAD_DIM"]
             for config in candidate_configs(arch, head_dim):
-                signature, constexprs, attrs = _specialize(launch, config, backend)
+                compiled = _specialize(launch, config, backend, binder)
+                signature, constexprs, attrs = compiled
                 key = (
                     config,
                     tuple(signature.items()),
-                    tuple(sorted(constexprs.items(), key=str)),
-                    tuple(sorted((k, str(v)) for k, v in attrs.items())),
+                    tuple((k, str(v)) for k, v in constexprs.items()),
+                    tuple((k, str(v)) for k, v in attrs.items()),
                 )
-                if key in seen:
-                    continue
-                seen.add(key)
-                specs.append(
-                    KernelSpec(
-                        name="attention",
-                        fn=_attention_fwd_kernel,
-                        signature=signature,
-                        constexprs=constexprs,
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                        label=f"{dtype_name} d{head_dim} {config.name} {flags}",
-                        extra={"attrs": attrs},
-                    )
-                )
-    return specs
+                prefix = f"{dtype_name} d{head_dim} {config.name}"
+                kinds = compiles.setdefault(key, (prefix, config, compiled, []))[3]
+                if kind not in kinds:
+                    kinds.append(kind)
+    return [
+        KernelSpec(
+            name="attention",
+            fn=kernel,
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            label=f"{prefix} {' | '.join(kinds)}",
+            extra={"attrs": attrs},
+        )
+        for prefix, config, (signature, constexprs, attrs), kinds in compiles.values()
+    ]
