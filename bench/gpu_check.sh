@@ -9,6 +9,9 @@
 #   <gpu-slug>-<date>.json               the results, rewritten after every row
 #   <gpu-slug>-<date>.md                 the report (bench/report.py)
 #   <gpu-slug>-<date>-{throughput,kernels}.png   its plots, where matplotlib imports
+#   <gpu-slug>-<date>-plans.json         the plan question (bench/plan_check.py): per headline
+#                                        shape, every plan candidate's time, the plan that won
+#                                        and why, whole forwards against transformers' peers
 #   logs.tgz                             logs/ of the scratch folder: one log per stage,
 #                                        pytest-benchmark's JSON per suite, stages.txt;
 #                                        repacked after every stage
@@ -20,10 +23,10 @@
 #   BENCH_COMMIT    commit of the copied tree, recorded in the results (no .git there)
 #   XFORMERS_WHEEL  a carried xformers wheel (default: build/wheels/xformers-*.whl if any)
 #   STAGES          stages to run after `info`, which always runs
-#                   (default: tests models compile kernels extra)
+#                   (default: plans tests models compile kernels)
 #   SEED_RESULTS    a results file (in the tree) that this run adds its rows to; used only
 #                   when its "gpu" is this card
-#   TOTAL_BUDGET_S  wall-clock budget of the whole script, report included (default 450)
+#   TOTAL_BUDGET_S  wall-clock budget of the whole script, report included (default 420)
 #   PYTHON          interpreter (default python3)
 #
 # Every stage runs under `timeout` (SIGINT first, so pytest still writes its summary and
@@ -38,8 +41,8 @@ export OUT=${OUT:?set OUT to the output folder}
 export PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-tests models compile kernels extra}
-TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-450}
+STAGES=${STAGES:-plans tests models compile kernels}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-420}
 REPORT_RESERVE_S=25
 # Results are rewritten in place after every row; everything else goes to a scratch folder
 # that is packed into $OUT/logs.tgz after every stage.
@@ -171,13 +174,15 @@ if [[ -f "$LOGS/xformers-site" ]]; then
     PYTHONPATH="$(cat "$LOGS/xformers-site"):$PYTHONPATH"
 fi
 
-run_stage tests 80 "$PYTHON" -m pytest -m gpu tests -v --durations=10 -p no:cacheprovider \
+# First: whether the project has a reason to exist is the plan question (issue 9).
+run_stage plans 150 "$PYTHON" -m bench.plan_check --out "${RESULTS%.json}-plans.json"
+run_stage tests 70 "$PYTHON" -m pytest -m gpu tests -v --durations=10 -p no:cacheprovider \
     -rfEs --continue-on-collection-errors
 # The compile of transformers' model is the slowest step: a stage of its own, so that it
 # cannot starve the other headline rows, nor they it.
-run_stage models 120 bash -c "bench_pytest models test_model_bench.py check -k 'not hf-compile'"
-run_stage compile 100 bash -c "bench_pytest compile test_model_bench.py check -k hf-compile"
-run_stage kernels 90 bash -c "bench_pytest kernels test_kernel_bench.py check"
+run_stage models 90 bash -c "bench_pytest models test_model_bench.py check -k 'not hf-compile'"
+run_stage compile 60 bash -c "bench_pytest compile test_model_bench.py check -k hf-compile"
+run_stage kernels 40 bash -c "bench_pytest kernels test_kernel_bench.py check"
 run_stage extra 60 bash -c "bench_pytest extra test_model_bench.py extra"
 
 echo "=== report ==="

@@ -1,0 +1,23 @@
+"""The GPU check's plan stage runs end to end on the CPU (tiny shapes, interpreter), so it
+cannot rot between GPU leases. Its timings here mean nothing."""
+
+import json
+
+import pytest
+
+from bench import plan_check
+
+pytest.importorskip("triton")
+
+
+def test_plan_check_writes_every_row_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV2_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "plans.json"
+    assert plan_check.main(["--out", str(out), "--cpu-smoke"]) == 0
+    [row] = json.loads(out.read_text())["shapes"]
+    assert row["plan"].startswith("attention=")
+    assert {"attention=sdpa", "norm=triton", "ffn=triton"} <= set(row["candidates_ms"])
+    assert {"dinov2_fast tuned plan", "dinov2_fast unfused plan", "transformers eager"} <= set(
+        row["forward_ms"]
+    )
+    assert not row["errors"]
