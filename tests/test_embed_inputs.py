@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,17 @@ def test_a_fifo_in_a_folder_is_skipped_and_named(model_dir, tmp_path, capsys):
     _image(0, 30, 40).save(folder / "a.png")
     os.mkfifo(folder / "b.png")  # reading it would wait for a writer forever
     out = tmp_path / "features.npy"
-    status, err = _cli(capsys, *_embed_args(model_dir, out, folder), "--workers", "0")
+
+    def hung(signum, frame):
+        raise TimeoutError("embed waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        status, err = _cli(capsys, *_embed_args(model_dir, out, folder), "--workers", "0")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert status == 0, err
     assert f"skipped {str(folder / 'b.png')!r}: not a regular file (a FIFO)" in err
     manifest = json.loads(out.with_suffix(".manifest.json").read_text())
@@ -164,6 +175,8 @@ def test_embed_api_takes_every_kind_of_image_and_matches_the_cli(model_dir, tmp_
     # A loaded model, transformers' own, is used as it is.
     reference = dinov2_fast.embed(images, hf_model(), crop_size=28, pool="cls+mean")
     assert reference.shape == (4, 128)
+    with pytest.raises(TypeError, match="not one image"):
+        dinov2_fast.embed(str(paths[0]), str(model_dir))
     with pytest.raises(ValueError, match=r"image 0 \(ndarray\) cannot be read: .*uint8"):
         dinov2_fast.embed([np.zeros((30, 40, 3))], str(model_dir), crop_size=28)
     with pytest.raises(ValueError, match=r"image 0 \('.*missing.png'\) cannot be read"):

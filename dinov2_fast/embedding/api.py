@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .._resolve import (
     POOLS,
@@ -54,6 +55,8 @@ def embed(
     apply). ``workers`` decoding processes (0: in this process). An image that cannot be
     read raises ``ValueError`` naming it.
     """
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+        raise TypeError("images must be a list of images, not one image: pass [image]")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if batch_size < 1:

@@ -53,7 +53,7 @@ from .engine import StageTimes, feature_shape, iter_features
 from .lock import RunLock
 from .preprocess import check_decode, resize_size_for
 from .ranks import Ranks
-from .sinks import check_space, copy_rows, create_array, disk_full_names, write_json
+from .sinks import NpyRows, check_space, copy_rows, create_array, disk_full_names, write_json
 from .sources import Inputs, collect_inputs
 
 __all__ = ["EmbedResult", "embed_images", "manifest_path"]
@@ -320,9 +320,8 @@ def _embed_rows(
     verbose: bool,
     rank: int,
 ) -> None:
-    features = np.load(partial / "features.npy", mmap_mode="r+")
+    features = NpyRows(partial / "features.npy")
     status = np.load(partial / "status.npy", mmap_mode="r+")
-    features_dtype = getattr(torch, str(features.dtype))
     times = StageTimes()
     batches = iter_features(
         model,
@@ -350,7 +349,7 @@ def _embed_rows(
                 with disk_full_names(log_path):
                     log.flush()
             if read_rows:
-                features[read_rows] = pooled.to(features_dtype).cpu().numpy()
+                features.write(read_rows, pooled)
             status[read_rows] = _DONE
             status[[row for row, _ in failed]] = _SKIPPED
             times.write += time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""The ``.npy`` writer: memory-mapped feature files allocated up front, rows copied in chunks."""
+"""The ``.npy`` writer: memory-mapped feature files allocated up front, rows written in place
+and copied in chunks, run files replaced whole."""
 
 from __future__ import annotations
 
@@ -12,12 +13,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._resolve import UserError, quoted
 
-__all__ = ["check_space", "copy_rows", "create_array", "disk_full_names", "write_json"]
+__all__ = [
+    "NpyRows",
+    "check_space",
+    "copy_rows",
+    "create_array",
+    "disk_full_names",
+    "write_json",
+]
 
 _COPY_CHUNK_BYTES = 64 << 20
+
+
+class NpyRows:
+    """The rows of a preallocated features ``.npy``, written in place through a shared memory
+    map (each torchrun rank writes its own rows of the same file)."""
+
+    def __init__(self, path: Path) -> None:
+        self._features = np.load(path, mmap_mode="r+")
+        self._dtype = getattr(torch, str(self._features.dtype))
+
+    def write(self, rows: list[int], values: torch.Tensor) -> None:
+        self._features[rows] = values.to(self._dtype).cpu().numpy()
+
+    def flush(self) -> None:
+        self._features.flush()
 
 
 def copy_rows(
