@@ -661,9 +661,9 @@ def flash_attention(
     interpreter).
     """
     if head_scale is None and cu_seqlens is None:
-        layout = ("packed", qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale)
+        layout = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, max_seqlen)
         head_dim, scale, bounds = _checked_once(
-            (*layout, max_seqlen), _check_packed, qkv, num_heads, scale, None, None, max_seqlen
+            ("packed", *layout), _check_packed, qkv, num_heads, scale, None, None, max_seqlen
         )
     else:
         head_dim, scale, bounds = _check_packed(
@@ -715,11 +715,12 @@ def flash_attention_split(
     must have its heads at stride Dh.
     """
     if head_scale is None:
-        layout = tuple(a for t in (query, key, value) for a in (t.shape, t.stride(), t.dtype))
-        head_dim, scale = _checked_once(
-            ("split", *layout, query.device, key.device, value.device, scale),
-            _check_split, query, key, value, scale, None,
+        layout = (
+            "split", query.shape, key.shape, value.shape, query.stride(), key.stride(),
+            value.stride(), query.dtype, key.dtype, value.dtype, query.device, key.device,
+            value.device, scale,
         )  # fmt: skip
+        head_dim, scale = _checked_once(layout, _check_split, query, key, value, scale, None)
     else:
         head_dim, scale = _check_split(query, key, value, scale, head_scale)
     batch, num_heads, tokens, _ = query.shape
@@ -742,7 +743,8 @@ def _split_launch(
 ) -> _Launch:
     """The launch for (B, H, N, Dh) q, k, v, read in place."""
     batch, num_heads, tokens, head_dim = query.shape
-    strides = tuple(s for t in (query, key, value) for s in (t.stride(0), t.stride(2), t.stride(1)))
+    (qb, qh, qt, _), (kb, kh, kt, _), (vb, vh, vt, _) = query.stride(), key.stride(), value.stride()
+    strides = (qb, qt, qh, kb, kt, kh, vb, vt, vh)  # (batch, token, head) each
     return _prepare(
         query, key, value, (0, 0, 0), strides, out, (out.stride(0), out.stride(1)), lse,
         head_scale, None, scale, num_heads, head_dim, batch, tokens, tokens,
