@@ -53,7 +53,7 @@ def next_power_of_2(n: int) -> int:
 def row_bucket(n_rows: int) -> int:
     """The row count as the autotuners see it: powers of two up to 2^16, so a batch-1
     winner does not serve a full batch, without re-tuning for every row count."""
-    return min(next_power_of_2(n_rows), 1 << 16)
+    return 1 << min(max(n_rows - 1, 0).bit_length(), 16)
 
 
 @dataclass(frozen=True)
