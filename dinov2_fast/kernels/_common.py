@@ -248,14 +248,10 @@ def jit_specialization(
     """(runtime signature, constexprs by name, ASTSource attrs) that Triton's JIT derives for
     launching ``kernel`` with ``args`` and ``kwargs`` (constexprs, num_warps, num_stages) on
     sm_<arch>: int32/int64, divisibility by 16 and arguments that become constexprs (None,
-    the integer 1), by Triton 3.6's own binder, exactly as at run time. ``args`` may be meta
-    tensors (address 0: aligned, as CUDA allocations are)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = _backend(arch, make_backend, GPUTarget)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    the integer 1), by Triton 3.6's own binder (``create_function_from_signature``, then
+    ``JITFunction._pack_args``), exactly as at run time. ``args`` may be meta tensors
+    (address 0: aligned, as CUDA allocations are)."""
+    backend, binder = _binder(kernel, arch)
     bound_args, specialization, options = binder(*args, **kwargs)
     _, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound_args, specialization, options
@@ -266,8 +262,13 @@ def jit_specialization(
 
 
 @functools.cache
-def _backend(arch: int, make_backend: Any, target: Any) -> Any:
-    return make_backend(target("cuda", arch, 32))
+def _binder(kernel: Any, arch: int) -> tuple[Any, Any]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
 
 
 def specs_from_launches(

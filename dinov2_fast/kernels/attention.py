@@ -40,10 +40,13 @@ import triton.language as tl
 from ..reference import check_attention_inputs, check_split_attention_inputs
 from ._common import (
     KernelSpec,
+    cdiv,
     check_no_shared_storage,
     device_arch,
-    interpreting,
+    is_interpreted,
+    jit_specialization,
     nearest_arch,
+    next_power_of_2,
     record_launch,
 )
 
@@ -328,7 +331,7 @@ def _attention_fwd_kernel(
 
 # Fixed when the kernel is defined (@triton.jit reads TRITON_INTERPRET then), so launches
 # need not read the environment.
-_INTERPRETED = interpreting()
+_INTERPRETED = is_interpreted(_attention_fwd_kernel)
 
 
 def _config_width(head_dim: int) -> int:
@@ -417,11 +420,6 @@ def _arch(device: torch.device) -> int:
     return nearest_arch(_ARCHES, device_arch(device))
 
 
-def _next_power_of_2(n: int) -> int:
-    # triton.next_power_of_2 (like triton.cdiv) is a JIT function: microseconds on the host.
-    return 1 << max(n - 1, 0).bit_length()
-
-
 class _Launch(NamedTuple):
     """One launch of the kernel, before a config is chosen: what both the launchers and the
     compile report (``compile_specs``) take, so the report compiles what runs."""
@@ -439,7 +437,7 @@ def _constexprs(
     """The kernel's flags; one shared dict per combination (never mutated)."""
     return {
         "HEAD_DIM": head_dim,
-        "BLOCK_DMODEL": _next_power_of_2(head_dim),
+        "BLOCK_DMODEL": next_power_of_2(head_dim),
         "VARLEN": varlen,
         "HAS_HEAD_SCALE": has_head_scale,
         # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton #11584).
@@ -477,7 +475,7 @@ def _prepare(
     else:
         head_scale_strides = head_scale.stride()
     programs = groups * num_heads
-    work_bucket = min(_next_power_of_2(programs * -(-max_seqlen // 128)), 1 << 14)
+    work_bucket = min(next_power_of_2(programs * cdiv(max_seqlen, 128)), 1 << 14)
     args = (
         q, k, v, out, lse, head_scale, cu_seqlens, scale * _LOG2E, max_seqlen, num_tokens,
         num_heads, *offsets, *strides, *out_strides, *head_scale_strides, work_bucket,
@@ -491,12 +489,12 @@ def _run(launch: _Launch, device: torch.device, config: AttentionConfig | None) 
     if config is None and _INTERPRETED:
         config = _INTERPRETER_CONFIG
     if config is not None:
-        grid = (launch.programs, -(-launch.max_seqlen // config.block_m))
+        grid = (launch.programs, cdiv(launch.max_seqlen, config.block_m))
         _attention_fwd_kernel[grid](*launch.args, **launch.constexprs, **config._launch_options)
         return
     programs, max_seqlen = launch.programs, launch.max_seqlen
     kernel = _tuned_kernel(_arch(device), _config_width(launch.constexprs["HEAD_DIM"]))
-    kernel[lambda meta: (programs, -(-max_seqlen // meta["BLOCK_M"]))](
+    kernel[lambda meta: (programs, cdiv(max_seqlen, meta["BLOCK_M"]))](
         *launch.args, **launch.constexprs
     )
 
@@ -818,26 +816,6 @@ def _report_launches(dtype: torch.dtype) -> list[tuple[str, _Launch]]:
     return launches
 
 
-def _specialize(
-    launch: _Launch, config: AttentionConfig, backend: Any, binder: Callable
-) -> tuple[dict[str, str], dict[str, Any], dict]:
-    """(signature, constexprs by name, attrs) the JIT derives for this launch and config.
-
-    Triton 3.6's own binder does it (``create_function_from_signature``, then
-    ``JITFunction._pack_args``): int32/int64, divisibility by 16, and arguments that become
-    constexprs (None, the integer 1), exactly as at run time.
-    """
-    kernel = _attention_fwd_kernel
-    kwargs = {**launch.constexprs, **config._launch_options}
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
-    _, signature, constexprs, attrs = kernel._pack_args(
-        backend, kwargs, bound_args, specialization, options
-    )
-    runtime_types = {name: kind for name, kind in signature.items() if kind != "constexpr"}
-    constexpr_values = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
-    return runtime_types, constexpr_values, attrs
-
-
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every compile the AOT report must check on sm_<arch>: each candidate config against
     each distinct signature the default models launch, and against a representative
@@ -845,19 +823,14 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     launchers' own argument builders through Triton's own specialisation, so the report
     compiles what runs. Identical compiles are listed once, labelled with every launch
     kind they serve. ``extra["attrs"]`` holds the ASTSource attrs."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", arch, 32))
     kernel = _attention_fwd_kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     compiles: dict[tuple, tuple[str, AttentionConfig, tuple, list[str]]] = {}
     for dtype, dtype_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for kind, launch in _report_launches(dtype):
             head_dim = launch.constexprs["HEAD_DIM"]
             for config in candidate_configs(arch, head_dim):
-                compiled = _specialize(launch, config, backend, binder)
+                kwargs = {**launch.constexprs, **config._launch_options}
+                compiled = jit_specialization(kernel, launch.args, kwargs, arch)
                 signature, constexprs, attrs = compiled
                 key = (
                     config,
