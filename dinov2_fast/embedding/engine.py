@@ -101,7 +101,7 @@ class _Crops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, float, float]:
         row = int(self.rows[index])
-        read = 0.0
+        pixels, reason, read = None, None, 0.0
         started = time.perf_counter()
         try:
             image, read = _open(self.items[row], self.draft_size)
@@ -109,12 +109,11 @@ class _Crops(Dataset):
         except UnidentifiedImageError:
             # Its own message names the in-memory buffer the file was read into.
             reason = "cannot identify the image format (not an image Pillow reads)"
-            return row, None, reason, read, time.perf_counter() - started - read
         # Decoders of damaged files raise nearly anything (OSError, SyntaxError, struct.error,
         # DecompressionBombError...); every one of them means "skip this file".
         except Exception as err:
-            return row, None, first_line(err), read, time.perf_counter() - started - read
-        return row, pixels, None, read, time.perf_counter() - started - read
+            reason = first_line(err)
+        return row, pixels, reason, read, time.perf_counter() - started - read
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None, float, float]]):
