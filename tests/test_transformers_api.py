@@ -259,6 +259,15 @@ def test_eager_attention_is_explicit_and_equals_sdpa(monkeypatch):
         model.set_attn_implementation("flash_attention_2")
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "dinov2_fast"])
+def test_only_dinov2_fast_attention_takes_the_fused_path(attn):
+    model = _tiny().set_backend("triton")
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        backend = model._fused_backend(_pixels(), output_attentions=False)
+    assert backend == ("triton" if attn == "dinov2_fast" else None)
+
+
 # -- Training helpers ------------------------------------------------------------------------
 
 
