@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused, ops
+from . import fused, ops, packed
 from .config import Dinov2Config
 from .outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
@@ -508,8 +509,6 @@ class Dinov2PreTrainedModel(nn.Module):
             raise ImportError(
                 "push_to_hub needs huggingface_hub: pip install huggingface_hub"
             ) from err
-        import tempfile
-
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
@@ -701,21 +700,37 @@ class Dinov2Model(Dinov2PreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple[torch.Tensor, ...]:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        self._check_pixel_values(pixel_values)
-        self._check_masked_pos(bool_masked_pos, pixel_values)
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        sequence, hidden_states, attentions, _ = self._encode(
-            pixel_values,
-            bool_masked_pos,
-            self._head_scales(head_mask),
-            output_attentions,
-            output_hidden_states,
-        )
+        if packed.is_image_list(pixel_values):
+            # Images of their own sizes: per-image outputs as tuples, pooled ones stacked.
+            packed.check_images(
+                pixel_values, bool_masked_pos, self.config, self.embeddings.has_mask_token
+            )
+            sequence, hidden_states, attentions, _ = packed.encode_images(
+                self,
+                pixel_values,
+                bool_masked_pos,
+                self._head_scales(head_mask),
+                output_attentions,
+                output_hidden_states,
+            )
+            pooled = torch.stack([tokens[0] for tokens in sequence])
+        else:
+            self._check_pixel_values(pixel_values)
+            self._check_masked_pos(bool_masked_pos, pixel_values)
+            sequence, hidden_states, attentions, _ = self._encode(
+                pixel_values,
+                bool_masked_pos,
+                self._head_scales(head_mask),
+                output_attentions,
+                output_hidden_states,
+            )
+            pooled = sequence[:, 0]
         out = BaseModelOutputWithPooling(
             last_hidden_state=sequence,
-            pooler_output=sequence[:, 0],
+            pooler_output=pooled,
             hidden_states=hidden_states,
             attentions=attentions,
         )
@@ -766,9 +781,14 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+        first_patch = 1 + self.config.num_register_tokens
         sequence = outputs.last_hidden_state
-        patches = sequence[:, 1 + self.config.num_register_tokens :]
-        logits = self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=1))
+        if isinstance(sequence, tuple):  # a list of images: one (tokens, D) per image
+            cls = torch.stack([tokens[0] for tokens in sequence])
+            patch_mean = torch.stack([tokens[first_patch:].mean(dim=0) for tokens in sequence])
+        else:
+            cls, patch_mean = sequence[:, 0], sequence[:, first_patch:].mean(dim=1)
+        logits = self.classifier(torch.cat([cls, patch_mean], dim=1))
         loss = None if labels is None else self._loss(logits, labels)
         out = ImageClassifierOutput(
             loss=loss,
