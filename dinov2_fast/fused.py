@@ -203,16 +203,21 @@ def _sdpa_attention(backend: str | None) -> Callable[..., torch.Tensor]:
 def _triton_attention(config_name: str, compiling: bool) -> Callable[..., torch.Tensor]:
     if compiling:
         # The custom op autotunes over the same configs; it takes no config argument.
-        def traced(qkv, num_heads, *, scale=None, head_scale=None):
-            return ops._attention_op(qkv, num_heads, scale, head_scale, None, None)
+        def traced(qkv, num_heads, *, scale=None, head_scale=None, cu_seqlens=None,
+                   max_seqlen=None, bounds=None):  # fmt: skip
+            return ops._attention_op(qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen)
 
         return traced
     from .kernels import attention
 
     config = attention.AttentionConfig.from_name(config_name) if config_name else None
 
-    def launch(qkv, num_heads, *, scale=None, head_scale=None):
-        return attention.flash_attention(qkv, num_heads, scale, head_scale, config=config)[0]
+    def launch(qkv, num_heads, *, scale=None, head_scale=None, cu_seqlens=None,
+               max_seqlen=None, bounds=None):  # fmt: skip
+        return attention.flash_attention(
+            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen, config=config,
+            bounds=bounds,
+        )[0]  # fmt: skip
 
     return launch
 
@@ -306,6 +311,35 @@ def _executor(chosen: plan.Plan, kind: str, compiling: bool) -> _Executor:
 # -- one block, all blocks ---------------------------------------------------------------
 
 
+class Packing:
+    """Images of different sizes as one (T, D) token stream: their token counts, the
+    ``cu_seqlens`` of varlen attention (cached per list of counts, so a fixed list of sizes
+    builds it once and a CUDA graph can capture the forward) and its host copy, which the
+    attention checks instead of reading the device (no host sync per layer)."""
+
+    _cu_seqlens: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __init__(self, lengths: list[int], device: torch.device) -> None:
+        self.lengths = lengths
+        self.bounds = [0]
+        for n in lengths:
+            self.bounds.append(self.bounds[-1] + n)
+        self.max_seqlen = max(lengths)
+        key = (tuple(lengths), device)
+        cu_seqlens = self._cu_seqlens.get(key)
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor(self.bounds, dtype=torch.int32, device=device)
+            if len(self._cu_seqlens) > 256:
+                self._cu_seqlens.clear()
+            self._cu_seqlens[key] = cu_seqlens
+        self.cu_seqlens = cu_seqlens
+        self.attention_arguments = {
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": self.max_seqlen,
+            "bounds": self.bounds,
+        }
+
+
 def fused_block(
     layer: nn.Module,
     run: _Executor,
@@ -313,19 +347,23 @@ def fused_block(
     normed: torch.Tensor,
     head_scale: torch.Tensor | None,
     next_norm: nn.LayerNorm | None,
+    packing: Packing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One block on the plan's ops (DESIGN.md §3), given ``normed = norm1(hidden_states)``.
 
     ``layer`` is a ``Dinov2Layer`` of this library or of transformers (same module names).
     Returns the block's output and, when ``next_norm`` is given (the next block's norm1 or
-    the final LayerNorm), its LayerNorm from the same pass over the residual stream.
+    the final LayerNorm), its LayerNorm from the same pass over the residual stream. With
+    ``packing`` the tokens of several images are one (T, D) stream and attention is varlen.
     """
+    varlen = {} if packing is None else packing.attention_arguments
     parts = _BlockParts(layer) if run.compiling else _block_parts(layer)
     context = run.attention(
         parts.qkv(normed, run.compiling),
         parts.heads,
         scale=parts.scale,
         head_scale=None if head_scale is None else head_scale.flatten(),
+        **varlen,
     )
     hidden_states, normed = run.add_norm(
         hidden_states,
@@ -404,6 +442,7 @@ def run_blocks(
     head_scales: list[torch.Tensor | None],
     output_hidden_states: bool,
     final_norm: nn.LayerNorm,
+    packing: Packing | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Every block on the plan's ops; returns ``final_norm`` of the last block's output
     (fused into that block) and the per-layer outputs when asked for."""
@@ -414,7 +453,7 @@ def run_blocks(
     next_norms = [layer.norm1 for layer in layers[1:]] + [final_norm]
     for layer, head_scale, next_norm in zip(layers, head_scales, next_norms, strict=True):
         hidden_states, normed = fused_block(
-            layer, run, hidden_states, normed, head_scale, next_norm
+            layer, run, hidden_states, normed, head_scale, next_norm, packing
         )
         if all_hidden is not None:
             all_hidden.append(hidden_states)
@@ -443,12 +482,19 @@ def executor_for(
     owner: nn.Module,
     config: Any,
     layers: Any,
-    final_norm: nn.LayerNorm,
+    final_norm: nn.LayerNorm | None,
     hidden_states: torch.Tensor,
     backend: str,
+    packing: Packing | None = None,
 ) -> _Executor:
     """The executor of this forward: the forced plan, the cached one, or one tuned now.
-    A compile trace takes the cached plan (or the default) as a constant of the graph."""
+    A compile trace takes the cached plan (or the default) as a constant of the graph.
+    A packed forward (``packing``) takes the plan of its (images, longest image) bucket and
+    is never tuned itself (tuning times dense batches)."""
+    if packing is None:
+        batch, tokens = hidden_states.shape[0], hidden_states.shape[1]
+    else:
+        batch, tokens = len(packing.lengths), packing.max_seqlen
     if torch.compiler.is_compiling():
         key = _traced_executor_key(
             backend,
@@ -458,8 +504,9 @@ def executor_for(
             model_signature(config),
             ffn_kind(config),
             layers[0].attention.attention.attention_head_size,
-            hidden_states.shape[0],
-            hidden_states.shape[1],
+            batch,
+            tokens,
+            packing is not None,
         )
         return _TRACED_EXECUTORS[key]
     memo_key = (
@@ -468,19 +515,36 @@ def executor_for(
         os.environ.get(plan.PLAN_ENV_VAR),
         hidden_states.device,
         hidden_states.dtype,
-        hidden_states.shape[0],
-        hidden_states.shape[1],
+        batch,
+        tokens,
+        packing is not None,
         model_signature(config),
     )
     run = _RESOLVED.get(memo_key)
     if run is None:
-        record = resolve(owner, config, layers, final_norm, hidden_states, backend)
-        run = _RESOLVED[memo_key] = _executor(record.plan, ffn_kind(config), False)
+        record = resolve(
+            owner, config, layers, final_norm, hidden_states, backend,
+            shape=(batch, tokens), may_tune=packing is None,
+        )  # fmt: skip
+        chosen = record.plan
+        if packing is not None:
+            chosen = _packed_plan(chosen, hidden_states, layers)
+        run = _RESOLVED[memo_key] = _executor(chosen, ffn_kind(config), False)
     return run
 
 
-# Executors already resolved for (backend, forced plans, device, dtype, B, N, model): a
-# steady-state forward finds its own here. Cleared whenever a plan is tuned.
+def _packed_plan(chosen: plan.Plan, hidden_states: torch.Tensor, layers: Any) -> plan.Plan:
+    """SDPA takes one image at a time in a packed batch (a Python loop): the attention
+    kernel serves it wherever it can run."""
+    head_dim = layers[0].attention.attention.attention_head_size
+    blocker = _attention_kernel_blocker(hidden_states.device, hidden_states.dtype, head_dim)
+    if chosen.attention.startswith("sdpa") and blocker is None:
+        return chosen.replace(attention="triton")
+    return chosen
+
+
+# Executors already resolved for (backend, forced plans, device, dtype, B, N, packed,
+# model): a steady-state forward finds its own here. Cleared whenever a plan is tuned.
 _RESOLVED: dict[tuple[Any, ...], _Executor] = {}
 
 
@@ -494,18 +558,21 @@ def _traced_executor_key_impl(
     head_dim: int,
     batch: int,
     tokens: int,
+    packed: bool,
 ) -> str:
     sites = plan.forced_sites(forced or None)
-    torch_dtype = getattr(torch, dtype.removeprefix("torch."))
+    torch_device, torch_dtype = torch.device(device), getattr(torch, dtype.removeprefix("torch."))
     if backend == "triton":
-        chosen = _fused_default(torch.device(device), torch_dtype, head_dim, sites, backend)
+        chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
     else:
-        key = plan.plan_key(torch.device(device), torch_dtype, model, batch, tokens)
-        record = plan.lookup(key)
+        record = plan.lookup(plan.plan_key(torch_device, torch_dtype, model, batch, tokens))
         if record is None:
-            chosen = _fused_default(torch.device(device), torch_dtype, head_dim, sites, backend)
+            chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
         else:
             chosen = record.plan.replace(**sites)
+    if packed and chosen.attention.startswith("sdpa"):
+        if _attention_kernel_blocker(torch_device, torch_dtype, head_dim) is None:
+            chosen = chosen.replace(attention="triton")
     text = f"{chosen}|{kind}"
     if text not in _TRACED_EXECUTORS:
         _TRACED_EXECUTORS[text] = _Executor(chosen, kind, compiling=True)
@@ -557,13 +624,15 @@ def resolve(
     timer: plan.Timer | None = None,
     retune: bool = False,
     may_tune: bool = True,
+    shape: tuple[int, int] | None = None,
 ) -> plan.PlanRecord:
     """The plan record for this forward's shape (see ``dinov2_fast.plan``).
 
     ``backend="triton"`` runs every site on its kernel (sites forced by ``set_plan`` or
     ``DINOV2_FAST_PLAN`` excepted). ``"auto"`` uses the cached plan for the shape, tuning it
     now (on ``layers[0]``'s real input) when there is none and tuning can run; ``timer``
-    (tests, ``tune``) tunes whatever the backend.
+    (tests, ``tune``) tunes whatever the backend. ``shape`` is the (batch, tokens) of the
+    key when ``hidden_states`` is not a dense (B, N, D) batch.
     """
     forced = plan.forced_sites(owner.__dict__.get("_dinov2_fast_plan"))
     device, dtype = hidden_states.device, hidden_states.dtype
@@ -571,9 +640,8 @@ def resolve(
     if backend == "triton" and timer is None:
         chosen = _fused_default(device, dtype, head_dim, forced, backend)
         return plan.PlanRecord(chosen, "backend 'triton': every site on its kernel")
-    key = plan.plan_key(
-        device, dtype, model_signature(config), hidden_states.shape[0], hidden_states.shape[1]
-    )
+    batch, tokens = shape or (hidden_states.shape[0], hidden_states.shape[1])
+    key = plan.plan_key(device, dtype, model_signature(config), batch, tokens)
     record = None if retune else plan.lookup(key)
     if record is None:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -7,6 +7,8 @@ the same inputs with the same errors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -95,6 +97,7 @@ def check_attention_inputs(
     max_seqlen: int | None = None,
     *,
     read_bounds: bool = True,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[int, list[int] | None]:
     """Refuse attention arguments that mean nothing; return (head_dim, cu_seqlens as a list).
 
@@ -102,7 +105,9 @@ def check_attention_inputs(
     so both paths accept and refuse the same inputs with the same errors (what only the
     kernel cannot take, such as a dtype, is the kernel's own check). ``read_bounds=False``
     (the kernel under CUDA-graph capture, where the host may not read device memory)
-    leaves the values of ``cu_seqlens`` unread and returns None for them.
+    leaves the values of ``cu_seqlens`` unread and returns None for them. ``bounds``, the
+    values of ``cu_seqlens`` as host integers where the caller built it from them (the
+    model's packed batches), are checked instead of reading the device: no host sync.
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be positive, got {num_heads}")
@@ -130,7 +135,15 @@ def check_attention_inputs(
                 f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
             )
         groups = cu_seqlens.numel() - 1
-        if read_bounds:
+        if bounds is not None:
+            if len(bounds) != cu_seqlens.numel():
+                raise ValueError(
+                    f"bounds has {len(bounds)} values, cu_seqlens {cu_seqlens.numel()}: they "
+                    "must be the same sequence bounds"
+                )
+            bounds = list(bounds)
+            _check_bounds(bounds, qkv.shape[0], max_seqlen)
+        elif read_bounds:
             bounds = cu_seqlens.tolist()
             _check_bounds(bounds, qkv.shape[0], max_seqlen)
     _check_head_scale(head_scale, groups, num_heads, qkv.device)
@@ -167,6 +180,7 @@ def attention(
     head_scale: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    bounds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Non-causal multi-head attention on the packed QKV projection.
 
@@ -175,9 +189,12 @@ def attention(
     count, non-decreasing) qkv is (total, 3*H*Dh) and each sequence attends only within
     itself; ``max_seqlen``, when given, must be at least the longest sequence (the kernel
     sizes its grid by it). ``head_scale`` multiplies each head's output: shape (H,) or
-    (B, H) ((S, H) with cu_seqlens).
+    (B, H) ((S, H) with cu_seqlens). ``bounds``: ``cu_seqlens``' values on the host, when the
+    caller has them (see ``check_attention_inputs``).
     """
-    head_dim, bounds = check_attention_inputs(qkv, num_heads, head_scale, cu_seqlens, max_seqlen)
+    head_dim, bounds = check_attention_inputs(
+        qkv, num_heads, head_scale, cu_seqlens, max_seqlen, bounds=bounds
+    )
     if bounds is not None:
         outs = []
         for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -547,12 +547,14 @@ def _check_packed(
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[int, float, list[int] | None]:
     """(head_dim, scale, cu_seqlens as a list or None) after the shared and kernel checks."""
     capturing = qkv.is_cuda and torch.cuda.is_current_stream_capturing()
     head_dim, bounds = check_attention_inputs(
-        qkv, num_heads, head_scale, cu_seqlens, max_seqlen, read_bounds=not capturing
-    )
+        qkv, num_heads, head_scale, cu_seqlens, max_seqlen, read_bounds=not capturing,
+        bounds=bounds,
+    )  # fmt: skip
     scale = _check_kernel_inputs((qkv,), head_dim, scale)
     if cu_seqlens is None and qkv.shape[1] > _MAX_TOKENS:
         raise ValueError(f"sequence length {qkv.shape[1]} exceeds {_MAX_TOKENS} tokens")
@@ -641,6 +643,7 @@ def flash_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention on the packed QKV projection; returns (out, lse).
 
@@ -656,7 +659,8 @@ def flash_attention(
     scale defaults to 1/sqrt(Dh). ``out`` (last dim contiguous) and ``lse`` (contiguous),
     when given, receive the results. ``config`` launches that configuration as given;
     None lets Triton's autotuner pick among ``candidate_configs`` (a fixed config under the
-    interpreter).
+    interpreter). ``bounds``, cu_seqlens' values as host integers where the caller built it
+    from them, are validated instead of reading the device (no host sync).
     """
     if head_scale is None and cu_seqlens is None:
         layout = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, max_seqlen)
@@ -665,7 +669,7 @@ def flash_attention(
         )
     else:
         head_dim, scale, bounds = _check_packed(
-            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen
+            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen, bounds
         )
     tokens = qkv.shape[-2]
     if cu_seqlens is None:
