@@ -880,37 +880,67 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> BackboneOutput | tuple[torch.Tensor, ...]:
-        self._check_pixel_values(pixel_values)
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict
         )
-        last_normed, hidden_states, attentions, backend = self._encode(
-            pixel_values, None, self._head_scales(None), output_attentions, True
-        )
-        batch, _, height, width = pixel_values.shape
         patch = self.config.patch_size
-        first_patch = 1 + self.config.num_register_tokens
-        norm = self.layernorm
+        images = packed.is_image_list(pixel_values)
+        if images:
+            packed.check_images(pixel_values, None, self.config, self.embeddings.has_mask_token)
+            last_normed, hidden_states, attentions, backend = packed.encode_images(
+                self, pixel_values, None, self._head_scales(None), output_attentions, True
+            )
+            grids = [(image.shape[1] // patch, image.shape[2] // patch) for image in pixel_values]
+        else:
+            self._check_pixel_values(pixel_values)
+            last_normed, hidden_states, attentions, backend = self._encode(
+                pixel_values, None, self._head_scales(None), output_attentions, True
+            )
+            grids = [(pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)]
         feature_maps = []
-        for stage, state in zip(self.stage_names, hidden_states, strict=True):
+        for index, (stage, state) in enumerate(zip(self.stage_names, hidden_states, strict=True)):
             if stage not in self.out_features:
                 continue
-            if self.config.apply_layernorm:
-                if state is hidden_states[-1]:
-                    state = last_normed
-                else:
-                    with ops.use_backend(backend):
-                        state = ops.layer_norm(state, norm.weight, norm.bias, norm.eps)
-            if self.config.reshape_hidden_states:
-                state = state[:, first_patch:].reshape(batch, height // patch, width // patch, -1)
-                state = state.permute(0, 3, 1, 2).contiguous()
-            feature_maps.append(state)
+            last = last_normed if index == len(hidden_states) - 1 else None
+            if images:
+                # Per image: a (D, h_i, w_i) map of its own grid.
+                feature_maps.append(
+                    tuple(
+                        self._feature_map(s[None], None if last is None else last[i][None], grid,
+                                          backend)[0]
+                        for i, (s, grid) in enumerate(zip(state, grids, strict=True))
+                    )
+                )  # fmt: skip
+            else:
+                feature_maps.append(self._feature_map(state, last, grids[0], backend))
         out = BackboneOutput(
             feature_maps=tuple(feature_maps),
             hidden_states=hidden_states if output_hidden_states else None,
             attentions=attentions,
         )
         return out if return_dict else out.to_tuple()
+
+    def _feature_map(
+        self,
+        state: torch.Tensor,
+        last_normed: torch.Tensor | None,
+        grid: tuple[int, int],
+        backend: str,
+    ) -> torch.Tensor:
+        """One stage's (B, N, D) hidden state as its feature map: normed (the last stage's
+        norm came fused with the last block, ``last_normed``), then (B, D, h, w) patches."""
+        if self.config.apply_layernorm:
+            if last_normed is not None:
+                state = last_normed
+            else:
+                norm = self.layernorm
+                with ops.use_backend(backend):
+                    state = ops.layer_norm(state, norm.weight, norm.bias, norm.eps)
+        if self.config.reshape_hidden_states:
+            first_patch = 1 + self.config.num_register_tokens
+            state = state[:, first_patch:].reshape(state.shape[0], *grid, -1)
+            state = state.permute(0, 3, 1, 2).contiguous()
+        return state
 
 
 class Dinov2WithRegistersModel(Dinov2Model):

@@ -130,3 +130,22 @@ def test_bad_lists_get_the_same_clear_error_on_both_paths(backend, images, masks
     model = _model(use_mask_token=True).set_backend(backend)
     with pytest.raises(error, match=message):
         model(pixel_values=images, bool_masked_pos=masks)
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+@torch.no_grad()
+def test_the_backbone_gives_each_image_maps_of_its_own_grid(backend):
+    model = _model("Dinov2Backbone", out_features=["stage1", "stage2"]).set_backend(backend)
+    images = _images()
+    maps = model(pixel_values=images).feature_maps
+    assert len(maps) == 2
+    for stage in maps:
+        for (h, w), feature_map in zip(SIZES, stage, strict=True):
+            assert feature_map.shape == (128, h // 14, w // 14)
+    for i, image in enumerate(images):
+        alone = model.set_backend("torch")(image[None]).feature_maps
+        for stage, expected in zip(maps, alone, strict=True):
+            assert rel_err(stage[i], expected[0]) <= 1e-4
+        model.set_backend(backend)
