@@ -101,7 +101,8 @@ def model():
         (torch.randn(3, 56, 56), {}, ValueError, "must be 4-D"),
         (torch.randn(1, 3, 10, 56), {}, ValueError, "smaller than one 14x14 patch"),
         (torch.zeros(1, 3, 56, 56, dtype=torch.uint8), {}, TypeError, "floating tensor"),
-        ([[0.0]], {}, TypeError, "must be a torch.Tensor"),
+        ("pixels.png", {}, TypeError, "must be a torch.Tensor"),
+        ([[0.0]], {}, TypeError, r"pixel_values\[0\] is a list; pass a non-empty list of"),
         (
             torch.randn(2, 3, 56, 56),
             {"bool_masked_pos": torch.zeros(2, 15, dtype=torch.bool)},
