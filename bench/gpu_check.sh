@@ -12,6 +12,8 @@
 #   <gpu-slug>-<date>-plans.json         the plan question (bench/plan_check.py): per headline
 #                                        shape, every plan candidate's time, the plan that won
 #                                        and why, whole forwards against transformers' peers
+#   <gpu-slug>-<date>-mixed.json         mixed-aspect sets: packed varlen vs padded vs
+#                                        per-size batches (bench/mixed_resolution.py)
 #   logs.tgz                             logs/ of the scratch folder: one log per stage,
 #                                        pytest-benchmark's JSON per suite, stages.txt;
 #                                        repacked after every stage
@@ -23,7 +25,7 @@
 #   BENCH_COMMIT    commit of the copied tree, recorded in the results (no .git there)
 #   XFORMERS_WHEEL  a carried xformers wheel (default: build/wheels/xformers-*.whl if any)
 #   STAGES          stages to run after `info`, which always runs
-#                   (default: plans tests models compile kernels)
+#                   (default: plans tests models mixed compile kernels)
 #   SEED_RESULTS    a results file (in the tree) that this run adds its rows to; used only
 #                   when its "gpu" is this card
 #   TOTAL_BUDGET_S  wall-clock budget of the whole script, report included (default 420)
@@ -41,7 +43,7 @@ export OUT=${OUT:?set OUT to the output folder}
 export PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-plans tests models compile kernels}
+STAGES=${STAGES:-plans tests models mixed compile kernels}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-420}
 REPORT_RESERVE_S=25
 # Results are rewritten in place after every row; everything else goes to a scratch folder
@@ -181,6 +183,7 @@ run_stage tests 70 "$PYTHON" -m pytest -m gpu tests -v --durations=10 -p no:cach
 # The compile of transformers' model is the slowest step: a stage of its own, so that it
 # cannot starve the other headline rows, nor they it.
 run_stage models 90 bash -c "bench_pytest models test_model_bench.py check -k 'not hf-compile'"
+run_stage mixed 40 "$PYTHON" -m bench.mixed_resolution --out "${RESULTS%.json}-mixed.json"
 run_stage compile 60 bash -c "bench_pytest compile test_model_bench.py check -k hf-compile"
 run_stage kernels 40 bash -c "bench_pytest kernels test_kernel_bench.py check"
 run_stage extra 60 bash -c "bench_pytest extra test_model_bench.py extra"

@@ -21,3 +21,14 @@ def test_plan_check_writes_every_row_on_the_cpu(tmp_path, monkeypatch):
         row["forward_ms"]
     )
     assert not row["errors"]
+
+
+def test_mixed_resolution_runs_on_the_cpu(tmp_path):
+    from bench import mixed_resolution
+
+    out = tmp_path / "mixed.json"
+    assert mixed_resolution.main(["--out", str(out), "--cpu-smoke"]) == 0
+    [row] = json.loads(out.read_text())["sets"]
+    assert set(row["ways"]) == {"packed", "padded", "per-size"}
+    assert row["padded_tokens"] > row["tokens"]
+    assert mixed_resolution.aspect_sizes(224, 14)[:2] == [(224, 224), (224, 294)]
