@@ -11,7 +11,9 @@ Contract of ``cuda_graph(model)``'s callable:
 - the graph reads the parameters where they live, so in-place updates (``.data`` writes
   included) are seen by the next replay; anything that gives a parameter or buffer new
   storage (``.to()``, ``load_state_dict(assign=True)``, assigning a new ``Parameter``) or
-  changes the backend re-captures on the next call;
+  changes the backend or the forced plan re-captures on the next call;
+- the warm-up before a capture runs the model eagerly, so a shape whose plan is not tuned yet
+  is tuned then, never inside the capture;
 - inference only: it runs under ``torch.no_grad()`` and refuses a model in training mode.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, plan
 
 __all__ = ["CudaGraphRunner", "cuda_graph"]
 
@@ -77,7 +79,11 @@ class CudaGraphRunner:
             None if (t := slots[name]) is None else t.data_ptr() for slots, name in self._slots
         )
         backend = (getattr(self.model, "backend", None), os.environ.get(ops.BACKEND_ENV_VAR))
-        return addresses, backend
+        forced_plan = (
+            self.model.__dict__.get("_dinov2_fast_plan"),
+            os.environ.get(plan.PLAN_ENV_VAR),
+        )
+        return addresses, backend, forced_plan
 
     def __call__(self, pixel_values: torch.Tensor) -> Any:
         if self.model.training:
