@@ -6,12 +6,12 @@ Errors in arguments or files are one line on stderr and a non-zero exit, never a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
-
-import numpy as np
 
 from ._diagnostics import bench, info, tune, verify
 from ._resolve import DECODES, DTYPES, POOLS, SIZES, SharedError, UserError, first_line, quoted
@@ -82,7 +82,30 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         help="local transformers model folder, original .pth file, or hub id",
     )
-    embed.add_argument("--out", required=True, metavar="FEATURES.npy", help="features file")
+    embed.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="features file (FEATURES.npy), or the folder of Parquet parts for --format parquet",
+    )
+    embed.add_argument(
+        "--format",
+        choices=("npy", "parquet"),
+        default="npy",
+        help="npy: one .npy file (default); parquet: a folder of Parquet parts with columns "
+        "path and embedding (needs pyarrow)",
+    )
+    embed.add_argument(
+        "--num-shards",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split the listed inputs into N contiguous shards and embed one of them "
+        "(--shard-index); join the shards' outputs with dinov2-fast merge",
+    )
+    embed.add_argument(
+        "--shard-index", type=_count, default=0, metavar="I", help="the shard to embed, 0 to N-1"
+    )
     embed.add_argument(
         "--pool",
         choices=POOLS,
@@ -216,6 +239,9 @@ def _run_embed(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         backend=args.backend,
+        format=args.format,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
         resume=args.resume,
         overwrite=args.overwrite,
         verbose=args.verbose,
@@ -231,13 +257,18 @@ def _run_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    features = np.load(result.features, mmap_mode="r")
-    shape = " x ".join(str(n) for n in features.shape)
-    print(f"features: {result.features} ({shape}, {features.dtype})")
+    _print_features(result.features, result.manifest)
     print(
         f"manifest: {result.manifest} ({result.rows} inputs in row order, {result.skipped} skipped)"
     )
     return 0
+
+
+def _print_features(features: Path, manifest: Path) -> None:
+    written = json.loads(manifest.read_text())
+    shape = " x ".join(str(n) for n in written["shape"])
+    parts = ", Parquet parts" if written.get("format") == "parquet" else ""
+    print(f"features: {features} ({shape}, {written['features_dtype']}{parts})")
 
 
 def _run_diagnostic(args: argparse.Namespace) -> int:

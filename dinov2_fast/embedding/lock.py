@@ -34,6 +34,7 @@ class RunLock:
 
     def __init__(self, out: Path) -> None:
         self.path = out.with_suffix(".lock")
+        self._out = out
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -44,7 +45,7 @@ class RunLock:
             except BlockingIOError:
                 os.close(fd)
                 raise UserError(
-                    f"another embed is writing {quoted(self.path.with_suffix('.npy'))} "
+                    f"another embed is writing {quoted(self._out)} "
                     f"({_holder_text(self.path)}): wait for it to end or stop it, "
                     "or write to another --out"
                 ) from None

@@ -1,4 +1,5 @@
-"""The embedding run: image files to one features ``.npy`` and a manifest, resumable, sharded.
+"""The embedding run: image files to one features ``.npy`` (or a folder of Parquet parts) and a
+manifest, resumable, sharded across torchrun processes or into ``--num-shards`` runs.
 
 Inputs come from ``sources`` (files, folders, globs, in row order), pixels from
 ``preprocess`` through ``engine``, and rows go to ``sinks``. Files that cannot be read get no
@@ -13,7 +14,9 @@ and ``--resume`` continues from them (after a machine crash, start over with ``-
 Under torchrun every rank writes its own rows of those files (so all ranks run on one
 machine), and rank 0 compacts them into the output at the end.
 
-The finish commits by writing ``finished.json`` (the manifest, and which file holds the
+The run's rows are written in ``features.npy`` whatever the output format; the finish writes
+them in the output's format (``sinks.FORMATS``) inside the partial folder, then commits by
+writing ``finished.json`` (the manifest, and which file holds the
 features) into the partial folder; moving the features to ``--out`` and writing the
 manifest follow, and the next run on that ``--out`` completes them if they were cut short.
 """
@@ -53,8 +56,17 @@ from .engine import StageTimes, feature_shape, iter_features
 from .lock import RunLock
 from .preprocess import check_decode, resize_size_for
 from .ranks import Ranks
-from .sinks import NpyRows, check_space, copy_rows, create_array, disk_full_names, write_json
-from .sources import Inputs, collect_inputs
+from .sinks import (
+    FORMATS,
+    NpyRows,
+    OutputFormat,
+    check_space,
+    copy_rows,
+    create_array,
+    disk_full_names,
+    write_json,
+)
+from .sources import Inputs, collect_inputs, shard_of
 
 __all__ = ["EmbedResult", "embed_images", "manifest_path"]
 
@@ -85,6 +97,8 @@ def _partial_dir(features: Path) -> Path:
 # -- run state ------------------------------------------------------------------------------
 
 _FINISHED = "finished.json"
+# What a committed run's finished.json may name, per output format.
+_READY_NAMES = {"npy": ("features.npy", "compact.npy"), "parquet": ("parquet",)}
 
 
 def _partial_state(partial: Path) -> str | None:
@@ -117,10 +131,11 @@ def _read_json(path: Path, required: dict[str, type]) -> dict[str, Any]:
     return value
 
 
-def _load_array(path: Path, rows: int) -> np.ndarray:
-    """A memory map of a run's ``.npy`` with one row per input, refused as damaged otherwise."""
+def _load_array(path: Path, rows: int, read=lambda path: np.load(path, mmap_mode="r")):
+    """A run's features (``read`` from ``path``, by default a memory map of a ``.npy``) with
+    one row per input, refused as damaged otherwise."""
     try:
-        array = np.load(path, mmap_mode="r")
+        array = read(path)
     except (OSError, ValueError, EOFError) as err:
         raise _damaged(path, first_line(err)) from None
     if array.ndim == 0 or array.shape[0] != rows:
@@ -134,21 +149,22 @@ def _complete_finish(out: Path) -> bool:
     if _partial_state(partial) != "finished":
         return False
     finished = _read_json(partial / _FINISHED, {"features_file": str, "manifest": dict})
-    if finished["features_file"] not in ("features.npy", "compact.npy"):
+    output = FORMATS.get(finished["manifest"].get("format", "npy"))
+    if output is None or finished["features_file"] not in _READY_NAMES[output.name]:
         raise _damaged(partial / _FINISHED, f"features_file {finished['features_file']!r}")
-    ready = partial / finished["features_file"]
-    if ready.exists():
-        os.replace(ready, out)
+    output.place(partial / finished["features_file"], out)
     write_json(manifest_path(out), finished["manifest"])
     shutil.rmtree(partial)
     return True
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, output: OutputFormat) -> None:
     """Before the model loads (rank 0): --out can be written."""
     try:
-        if out.is_dir():
-            raise OSError(errno.EISDIR, "it is a folder")
+        if out.exists() and out.is_dir() != output.is_folder:
+            if out.is_dir():
+                raise OSError(errno.EISDIR, "it is a folder")
+            raise OSError(errno.ENOTDIR, "it is a file, and this format writes a folder")
         for folder in (out.parent, *out.parent.parents):
             if folder.exists() and not folder.is_dir():
                 raise OSError(errno.ENOTDIR, f"{quoted(folder)} is not a folder")
@@ -213,7 +229,7 @@ def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None
         )
 
 
-def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
+def _previous_run(out: Path, output: OutputFormat, settings: dict[str, Any]) -> _Previous | None:
     partial = _partial_dir(out)
     if _partial_state(partial) == "unfinished":
         run = _read_json(partial / "run.json", {"settings": dict, "inputs": list})
@@ -223,10 +239,12 @@ def _previous_run(out: Path, settings: dict[str, Any]) -> _Previous | None:
         features = _load_array(partial / "features.npy", rows)
         return _Previous(run["inputs"], features, status == _DONE, unfinished=True)
     manifest = manifest_path(out)
-    if manifest.is_file() and out.is_file():
+    if manifest.is_file() and output.exists(out):
         written = _read_json(manifest, {"inputs": list})
         _check_settings(out, written, settings)
-        features = _load_array(out, len(written["inputs"]))
+        inputs = written["inputs"]
+        shape = settings["feature_shape"]
+        features = _load_array(out, len(inputs), lambda out: output.read(out, inputs, shape))
         done = np.ones(len(written["inputs"]), dtype=bool)
         return _Previous(written["inputs"], features, done, unfinished=False)
     return None
@@ -268,10 +286,12 @@ def _start_partial(
     status.flush()
 
 
-def _prepare(out: Path, inputs: list[str], settings: dict[str, Any], resume: bool) -> np.ndarray:
+def _prepare(
+    out: Path, output: OutputFormat, inputs: list[str], settings: dict[str, Any], resume: bool
+) -> np.ndarray:
     """Set up the partial run (rank 0); returns the rows still to embed."""
     partial = _partial_dir(out)
-    previous = _previous_run(out, settings) if resume else None
+    previous = _previous_run(out, output, settings) if resume else None
     if previous is not None:
         _check_kept(out, previous, inputs)
     if previous is not None and previous.unfinished and previous.inputs == inputs:
@@ -361,7 +381,7 @@ def _embed_rows(
         print(f"{where}{times.summary(workers)}", file=sys.stderr)
 
 
-def _finish(out: Path, unlisted: list[tuple[str, str]]) -> EmbedResult:
+def _finish(out: Path, output: OutputFormat, unlisted: list[tuple[str, str]]) -> EmbedResult:
     """Compact the partial run into the output and write the manifest (rank 0), which
     lists the files the listing left out (``unlisted``) with those that could not be read.
 
@@ -385,19 +405,12 @@ def _finish(out: Path, unlisted: list[tuple[str, str]]) -> EmbedResult:
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             reasons[entry["row"]] = entry["reason"]
-    ready = "features.npy"
-    if len(written) < len(inputs):
-        ready = "compact.npy"
-        features = np.load(partial / "features.npy", mmap_mode="r")
-        shape = (len(written), *features.shape[1:])
-        what = f"the {len(written)} rows read (free some, then rerun with --resume)"
-        check_space(partial / ready, features[:1].nbytes * len(written), what)
-        compact = create_array(partial / ready, features.dtype, shape, what)
-        copy_rows(features, written, compact, np.arange(len(written)))
-        compact.flush()
-        del compact, features
+    features = np.load(partial / "features.npy", mmap_mode="r")
+    ready = output.write(partial, features, written, inputs, settings)
+    del features
     manifest = {
         "features": out.name,
+        "format": output.name,
         "shape": [len(written), *settings["feature_shape"]],
         **settings,
         "inputs": [inputs[r] for r in written],
@@ -435,20 +448,33 @@ def embed_images(
     device: str = "auto",
     workers: int | None = None,
     backend: str = "auto",
+    format: str = "npy",
+    num_shards: int = 1,
+    shard_index: int = 0,
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
     verbose: bool = False,
 ) -> EmbedResult:
-    """Embed images to ``out`` (``.npy``) and its manifest; see the module docstring.
+    """Embed images to ``out`` (a ``.npy`` file, or a folder of Parquet parts for ``format``
+    ``parquet``) and its manifest; see the module docstring.
 
     An existing ``out`` (or its manifest, or an unfinished run) is an error unless ``resume``
-    keeps its rows or ``overwrite`` replaces it. Under torchrun every rank calls this with
-    the same arguments and gets the same result.
+    keeps its rows or ``overwrite`` replaces it. With ``num_shards`` above 1 the run embeds
+    shard ``shard_index`` of the inputs (``sources.shard_of``); ``dinov2-fast merge`` joins
+    the shards' outputs. Under torchrun every rank calls this with the same arguments and
+    gets the same result.
     """
     out = Path(out)
-    if out.suffix.lower() != ".npy":
-        raise UserError(f"--out must name a .npy file, got {quoted(out)}")
+    output = FORMATS.get(format)
+    if output is None:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format}")
+    output.check_out(out)
+    if not 0 <= shard_index < num_shards:
+        raise UserError(
+            f"--shard-index must be from 0 to --num-shards - 1 ({num_shards - 1}), "
+            f"got {shard_index}"
+        )
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
     if resume and overwrite:
@@ -459,10 +485,15 @@ def embed_images(
     try:
 
         def check() -> Inputs:
-            _check_writable(out)
+            _check_writable(out, output)
             lock.acquire()
             _check_existing(out, resume=resume, overwrite=overwrite)
             listing = collect_inputs(patterns)
+            if num_shards > 1:
+                # Files the listing left out are named by the first shard only, so that a
+                # merge names each once.
+                unlisted = listing.skipped if shard_index == 0 else []
+                listing = Inputs(shard_of(listing.paths, num_shards, shard_index), unlisted)
             for path, reason in listing.skipped:
                 print(f"skipped {quoted(path)}: {reason}", file=sys.stderr)
             return listing
@@ -484,11 +515,15 @@ def embed_images(
             "resize_size": resize_size_for(crop_size),
             "decode": decode,
             "model_dtype": dtype_name(torch_dtype),
-            # numpy has no bfloat16: those features are stored as float32.
-            "features_dtype": "float16" if torch_dtype == torch.float16 else "float32",
+            # numpy has no bfloat16: those features are stored as float32, as all of Parquet's.
+            "features_dtype": "float16"
+            if torch_dtype == torch.float16 and output.name == "npy"
+            else "float32",
             "feature_shape": feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
+            # [index, count] of a sharded run (None: all inputs), so that shards never mix.
+            "shard": [shard_index, num_shards] if num_shards > 1 else None,
         }
-        pending = ranks.on_rank0(lambda: _prepare(out, inputs, settings, resume))
+        pending = ranks.on_rank0(lambda: _prepare(out, output, inputs, settings, resume))
         _embed_rows(
             net,
             _partial_dir(out),
@@ -504,7 +539,7 @@ def embed_images(
             rank=ranks.rank,
         )
         ranks.barrier()
-        return ranks.on_rank0(lambda: _finish(out, unlisted))
+        return ranks.on_rank0(lambda: _finish(out, output, unlisted))
     finally:
         lock.release()
         ranks.close()

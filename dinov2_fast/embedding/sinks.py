@@ -1,5 +1,7 @@
-"""The ``.npy`` writer: memory-mapped feature files allocated up front, rows written in place
-and copied in chunks, run files replaced whole."""
+"""Writing features: the run's rows in a preallocated memory-mapped ``.npy`` (written in
+place, copied in chunks), run files replaced whole, and the two output formats a finished run
+is written in, one interface (``OutputFormat``): a ``.npy`` file, or a folder of Parquet
+parts."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._resolve import UserError, quoted
+from .._resolve import UserError, first_line, quoted
 
 __all__ = [
+    "FORMATS",
     "NpyRows",
+    "OutputFormat",
     "check_space",
     "copy_rows",
     "create_array",
@@ -27,6 +31,9 @@ __all__ = [
 ]
 
 _COPY_CHUNK_BYTES = 64 << 20
+# Rows per Parquet part: parts of about this size read well in parallel (and stay small
+# enough that a reader holds one in memory).
+_PART_BYTES = 128 << 20
 
 
 class NpyRows:
@@ -115,3 +122,154 @@ def create_array(path: Path, dtype: Any, shape: tuple[int, ...], what: str) -> n
         finally:
             os.close(fd)
     return array
+
+
+class OutputFormat:
+    """How a finished run's features are stored at ``--out``: ``write`` stores rows of the
+    run's features into ``folder`` under a name it returns, ``place`` moves that into
+    ``out`` (idempotent: a rerun after a crash completes it), ``read`` gives the rows of an
+    output back in the order of the manifest's inputs."""
+
+    name: str
+    is_folder: bool
+
+    def check_out(self, out: Path) -> None:
+        raise NotImplementedError
+
+    def exists(self, out: Path) -> bool:
+        return out.is_dir() if self.is_folder else out.is_file()
+
+    def write(
+        self,
+        folder: Path,
+        features: np.ndarray,
+        rows: np.ndarray,
+        inputs: list[str],
+        settings: dict[str, Any],
+    ) -> str:
+        raise NotImplementedError
+
+    def place(self, ready: Path, out: Path) -> None:
+        raise NotImplementedError
+
+    def read(self, out: Path, inputs: list[str], shape: list[int]) -> np.ndarray:
+        """Raises OSError or ValueError (the reason) for an output that cannot be read."""
+        raise NotImplementedError
+
+
+class _Npy(OutputFormat):
+    name = "npy"
+    is_folder = False
+
+    def check_out(self, out: Path) -> None:
+        if out.suffix.lower() != ".npy":
+            raise UserError(f"--out must name a .npy file, got {quoted(out)}")
+
+    def write(self, folder, features, rows, inputs, settings) -> str:
+        if len(rows) == len(features):
+            return "features.npy"  # every row read: the run's own file is the output
+        ready = folder / "compact.npy"
+        shape = (len(rows), *features.shape[1:])
+        what = f"the {len(rows)} rows read (free some, then rerun with --resume)"
+        check_space(ready, features[:1].nbytes * len(rows), what)
+        compact = create_array(ready, features.dtype, shape, what)
+        copy_rows(features, rows, compact, np.arange(len(rows)))
+        compact.flush()
+        return ready.name
+
+    def place(self, ready: Path, out: Path) -> None:
+        if ready.exists():
+            os.replace(ready, out)
+
+    def read(self, out: Path, inputs: list[str], shape: list[int]) -> np.ndarray:
+        return np.load(out, mmap_mode="r")
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.dataset
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(
+            "--format parquet needs pyarrow (pip install 'dinov2-fast[parquet]')"
+        ) from None
+    return pyarrow
+
+
+class _Parquet(OutputFormat):
+    """A folder of ``part-NNNNN.parquet`` files, in row order: columns ``path`` (string) and
+    ``embedding`` (``fixed_size_list<float32>[D]``, the patch pool flattened), the run's
+    settings as JSON under the schema metadata key ``dinov2_fast``."""
+
+    name = "parquet"
+    is_folder = True
+    metadata_key = b"dinov2_fast"
+
+    def check_out(self, out: Path) -> None:
+        if out.suffix.lower() == ".npy":
+            raise UserError(f"--out of --format parquet names a folder, got {quoted(out)}")
+        _pyarrow()
+
+    def schema(self, settings: dict[str, Any]):
+        pa = _pyarrow()
+        from .. import __version__
+
+        width = int(np.prod(settings["feature_shape"]))
+        metadata = {**settings, "embedding_shape": settings["feature_shape"]}
+        metadata["library_version"] = __version__
+        return pa.schema(
+            [("path", pa.string()), ("embedding", pa.list_(pa.float32(), width))],
+            metadata={self.metadata_key: json.dumps(metadata)},
+        )
+
+    def write_part(self, folder: Path, index: int, table) -> None:
+        """Part ``index``, written under a hidden name first, so that a killed write leaves
+        no half part that a reader would take for one."""
+        pq = _pyarrow().parquet
+        part = folder / f"part-{index:05d}.parquet"
+        staging = folder / f".{part.name}.tmp"
+        with disk_full_names(part):
+            pq.write_table(table, staging)
+        os.replace(staging, part)
+
+    def write(self, folder, features, rows, inputs, settings) -> str:
+        pa = _pyarrow()
+        ready = folder / "parquet"
+        shutil.rmtree(ready, ignore_errors=True)  # an earlier finish cut short
+        ready.mkdir()
+        schema = self.schema(settings)
+        width = schema.field("embedding").type.list_size
+        step = max(1, _PART_BYTES // (4 * width))
+        for index, start in enumerate(range(0, len(rows), step)):
+            chunk = rows[start : start + step]
+            values = np.asarray(features[chunk], dtype=np.float32).reshape(-1)
+            embedding = pa.FixedSizeListArray.from_arrays(pa.array(values), width)
+            paths = pa.array([inputs[r] for r in chunk], pa.string())
+            self.write_part(ready, index, pa.Table.from_arrays([paths, embedding], schema=schema))
+        return ready.name
+
+    def place(self, ready: Path, out: Path) -> None:
+        if not ready.exists():
+            return
+        if out.exists():
+            # A folder cannot replace a folder in one step: the old one goes into the run's
+            # folder (removed with it), then the new one takes its place.
+            os.replace(out, ready.with_name("replaced"))
+        os.replace(ready, out)
+
+    def read(self, out: Path, inputs: list[str], shape: list[int]) -> np.ndarray:
+        pa = _pyarrow()
+        try:
+            table = pa.dataset.dataset(out, format="parquet").to_table()
+            paths = table.column("path").to_pylist()
+            values = table.column("embedding").combine_chunks().flatten().to_numpy()
+        except (pa.ArrowException, KeyError) as err:
+            raise ValueError(first_line(err)) from None
+        if sorted(paths) != sorted(inputs):
+            raise ValueError("its rows are not the inputs its manifest lists")
+        position = {path: row for row, path in enumerate(paths)}
+        return values.reshape(len(paths), *shape)[[position[path] for path in inputs]]
+
+
+FORMATS: dict[str, OutputFormat] = {"npy": _Npy(), "parquet": _Parquet()}

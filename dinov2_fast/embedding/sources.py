@@ -20,7 +20,7 @@ from PIL import Image
 
 from .._resolve import UserError, quoted
 
-__all__ = ["Inputs", "collect_inputs"]
+__all__ = ["Inputs", "collect_inputs", "shard_of"]
 
 # Formats Pillow can read (some of its registered extensions, such as .pdf, are write-only).
 _IMAGE_SUFFIXES = frozenset(
@@ -169,3 +169,11 @@ def collect_inputs(patterns: Sequence[str]) -> Inputs:
             else:
                 chosen.setdefault(os.path.realpath(path), path)
     return Inputs(list(chosen.values()), skipped)
+
+
+def shard_of(paths: Sequence[str], num_shards: int, shard_index: int) -> list[str]:
+    """Shard ``shard_index`` of ``num_shards`` of the listing: contiguous runs of it, sizes
+    differing by at most one, so the shards in index order are the listing again."""
+    start = len(paths) * shard_index // num_shards
+    end = len(paths) * (shard_index + 1) // num_shards
+    return list(paths[start:end])

@@ -1,0 +1,169 @@
+"""Output formats and sharded runs of ``embed``: Parquet parts read by pyarrow as one table
+with the npy run's rows, resume and overwrite as for npy, atomic parts; shards that split
+the listing without overlap or gap, and ``merge``. In-process runs on a tiny model and
+28-pixel crops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinov2_fast._resolve import UserError
+from dinov2_fast.embedding import sinks
+from dinov2_fast.embedding.sources import shard_of
+from tests._models import hf_model
+
+pa = pytest.importorskip("pyarrow")
+pytest.importorskip("pyarrow.dataset")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    hf_model().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = []
+    for index, (height, width) in enumerate([(40, 30), (32, 48), (36, 36), (30, 44), (29, 29)]):
+        path = folder / f"img{index}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    (folder / "img5.png").write_bytes(b"not a png")
+    return [*paths, folder / "img5.png"]
+
+
+@pytest.fixture()
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rows per Parquet part (the tiny model's rows are 64 float32), so runs have several."""
+    monkeypatch.setattr(sinks, "_PART_BYTES", 2 * 64 * 4)
+
+
+def _embed(model: Path, out: Path, inputs: list[Path], **options):
+    from dinov2_fast.embedding import embed_images
+
+    return embed_images(
+        [str(p) for p in inputs],
+        str(model),
+        out,
+        crop_size=28,
+        device="cpu",
+        workers=0,
+        show_progress=False,
+        **options,
+    )
+
+
+def _table(out: Path):
+    import pyarrow.dataset
+
+    return pyarrow.dataset.dataset(out, format="parquet").to_table()
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads(out.with_suffix(".manifest.json").read_text())
+
+
+def test_parquet_parts_are_one_table_with_the_npy_rows(model_dir, images, tmp_path, small_parts):
+    npy = tmp_path / "features.npy"
+    _embed(model_dir, npy, images)
+    out = tmp_path / "parts"
+    result = _embed(model_dir, out, images, format="parquet")
+    assert (result.rows, result.skipped) == (5, 1)
+    assert sorted(p.name for p in out.iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+    table = _table(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert table.column("path").to_pylist() == [str(p) for p in images[:5]]
+    embedding = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(5, 64)
+    np.testing.assert_array_equal(embedding, np.load(npy))
+    settings = json.loads(table.schema.metadata[b"dinov2_fast"])
+    assert settings["pool"] == "cls" and settings["crop_size"] == 28
+    assert settings["embedding_shape"] == [64] and settings["library_version"]
+    assert settings["model_fingerprint"] == _manifest(npy)["model_fingerprint"]
+    manifest = _manifest(out)
+    assert manifest["format"] == "parquet" and manifest["shape"] == [5, 64]
+    assert [s["path"] for s in manifest["skipped"]] == [str(images[5])]
+
+
+def test_parquet_patch_pool_is_flattened_with_its_shape_in_the_metadata(
+    model_dir, images, tmp_path
+):
+    out = tmp_path / "patches"
+    _embed(model_dir, out, images[:2], format="parquet", pool="patch")
+    table = _table(out)
+    shape = json.loads(table.schema.metadata[b"dinov2_fast"])["embedding_shape"]
+    assert shape == [4, 64]
+    assert table.schema.field("embedding").type.list_size == 4 * 64
+
+
+def test_parquet_resume_keeps_rows_and_existing_output_needs_a_flag(
+    model_dir, images, tmp_path, small_parts
+):
+    out = tmp_path / "features"
+    _embed(model_dir, out, images[:3], format="parquet")
+    with pytest.raises(UserError, match="already exists: add --resume"):
+        _embed(model_dir, out, images, format="parquet")
+    with pytest.raises(UserError, match="written with pool='cls'"):
+        _embed(model_dir, out, images, format="parquet", pool="mean", resume=True)
+    before = _table(out)
+    resumed = _embed(model_dir, out, images, format="parquet", resume=True)
+    assert resumed.rows == 5
+    table = _table(out)
+    assert table.column("path").to_pylist() == [str(p) for p in images[:5]]
+    assert table.slice(0, 3).column("embedding").equals(before.column("embedding"))
+    assert _embed(model_dir, out, images[:2], format="parquet", overwrite=True).rows == 2
+    assert _table(out).num_rows == 2
+    assert not out.with_suffix(".partial").exists()
+
+
+def test_a_killed_part_write_leaves_no_half_part_and_resume_finishes(
+    model_dir, images, tmp_path, small_parts, monkeypatch
+):
+    out = tmp_path / "features"
+    real_replace = sinks.os.replace
+
+    def killed(source, target):
+        if Path(target).name == "part-00001.parquet":
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(sinks.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _embed(model_dir, out, images, format="parquet")
+    monkeypatch.setattr(sinks.os, "replace", real_replace)
+    parts = out.with_suffix(".partial") / "parquet"
+    assert [p.name for p in parts.glob("part-*")] == ["part-00000.parquet"]
+    assert not out.exists()
+    assert _embed(model_dir, out, images, format="parquet", resume=True).rows == 5
+    assert _table(out).num_rows == 5
+
+
+def test_parquet_refuses_a_npy_out_and_a_file_in_its_place(model_dir, images, tmp_path):
+    with pytest.raises(UserError, match="names a folder"):
+        _embed(model_dir, tmp_path / "x.npy", images, format="parquet")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="it is a file"):
+        _embed(model_dir, tmp_path / "file", images, format="parquet")
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_shards_split_the_listing_without_overlap_or_gap(count, shards):
+    paths = [f"p{i}" for i in range(count)]
+    split = [shard_of(paths, shards, index) for index in range(shards)]
+    assert [p for shard in split for p in shard] == paths
+    assert max(map(len, split)) - min(map(len, split)) <= 1
+
+
+def test_shard_index_must_be_below_the_count(model_dir, images, tmp_path):
+    with pytest.raises(UserError, match="--shard-index must be from 0 to"):
+        _embed(model_dir, tmp_path / "f.npy", images, num_shards=2, shard_index=2)
