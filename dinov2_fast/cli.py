@@ -10,12 +10,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ._diagnostics import bench, info, tune, verify
 from ._resolve import DECODES, DTYPES, POOLS, SIZES, SharedError, UserError, first_line, quoted
 from .ops import BACKENDS
+
+if TYPE_CHECKING:
+    from .embedding import EmbedResult
 
 __all__ = ["main"]
 
@@ -158,6 +160,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(embed)
     embed.set_defaults(run=_run_embed)
 
+    merge = commands.add_parser(
+        "merge",
+        help="join the outputs of a sharded embed into one",
+        description="Join the outputs of embed --num-shards N (every shard once, same settings, "
+        "npy or Parquet) into OUT and its manifest, rows in the unsharded run's order.",
+    )
+    merge.add_argument("out", metavar="OUT", help="the merged features (.npy, or a folder)")
+    merge.add_argument("shards", nargs="+", metavar="SHARD", help="a shard's --out")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    merge.set_defaults(run=_run_merge)
+
     verify = commands.add_parser(
         "verify",
         help="fast path against the reference on a random input",
@@ -257,18 +270,26 @@ def _run_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    _print_features(result.features, result.manifest)
-    print(
-        f"manifest: {result.manifest} ({result.rows} inputs in row order, {result.skipped} skipped)"
-    )
+    _print_output(result)
     return 0
 
 
-def _print_features(features: Path, manifest: Path) -> None:
-    written = json.loads(manifest.read_text())
+def _run_merge(args: argparse.Namespace) -> int:
+    from .embedding.merge import merge_outputs
+
+    result = merge_outputs(args.out, args.shards, overwrite=args.overwrite)
+    _print_output(result)
+    return 0
+
+
+def _print_output(result: EmbedResult) -> None:
+    written = json.loads(result.manifest.read_text())
     shape = " x ".join(str(n) for n in written["shape"])
     parts = ", Parquet parts" if written.get("format") == "parquet" else ""
-    print(f"features: {features} ({shape}, {written['features_dtype']}{parts})")
+    print(f"features: {result.features} ({shape}, {written['features_dtype']}{parts})")
+    print(
+        f"manifest: {result.manifest} ({result.rows} inputs in row order, {result.skipped} skipped)"
+    )
 
 
 def _run_diagnostic(args: argparse.Namespace) -> int:

@@ -167,3 +167,68 @@ def test_shards_split_the_listing_without_overlap_or_gap(count, shards):
 def test_shard_index_must_be_below_the_count(model_dir, images, tmp_path):
     with pytest.raises(UserError, match="--shard-index must be from 0 to"):
         _embed(model_dir, tmp_path / "f.npy", images, num_shards=2, shard_index=2)
+
+
+def _shards(model: Path, folder: Path, inputs: list[Path], count: int, **options) -> list[Path]:
+    suffix = ".npy" if options.get("format", "npy") == "npy" else ""
+    outs = [folder / f"shard{index}{suffix}" for index in range(count)]
+    for index, out in enumerate(outs):
+        _embed(model, out, inputs, num_shards=count, shard_index=index, **options)
+    return outs
+
+
+@pytest.mark.parametrize("format", ["npy", "parquet"])
+def test_merged_shards_are_the_unsharded_run(model_dir, images, tmp_path, small_parts, format):
+    from dinov2_fast.embedding.merge import merge_outputs
+
+    suffix = ".npy" if format == "npy" else ""
+    whole = tmp_path / f"whole{suffix}"
+    # One image per batch: a batch's size changes the CPU's float sums in the last bits.
+    _embed(model_dir, whole, [images[0].parent], format=format, batch_size=1)
+    shards = _shards(model_dir, tmp_path, [images[0].parent], 3, format=format, batch_size=1)
+    assert _manifest(shards[1])["shard"] == [1, 3]
+    merged = tmp_path / f"merged{suffix}"
+    result = merge_outputs(merged, shards[::-1])
+    assert (result.rows, result.skipped) == (5, 1)
+    expected, got = _manifest(whole), _manifest(merged)
+    for manifest in (expected, got):
+        manifest.pop("features")
+    assert got == expected
+    if format == "npy":
+        np.testing.assert_array_equal(np.load(merged), np.load(whole))
+    else:
+        assert _table(merged).equals(_table(whole))
+        assert _table(merged).schema.metadata == _table(whole).schema.metadata
+
+
+def test_merge_refuses_missing_repeated_mixed_and_unsharded_outputs(
+    model_dir, images, tmp_path, capsys
+):
+    from dinov2_fast.cli import main
+
+    shards = _shards(model_dir, tmp_path, images, 3)
+    mean = tmp_path / "mean"
+    mean.mkdir()
+    other = _shards(model_dir, mean, images, 3, pool="mean")
+    reordered = tmp_path / "reordered.npy"
+    _embed(model_dir, reordered, images[::-1], num_shards=3, shard_index=0)  # img5, img4
+    whole = tmp_path / "whole.npy"
+    _embed(model_dir, whole, images)
+    capsys.readouterr()
+    cases = [
+        (shards[:2], "shard 2 of 3 is missing"),
+        ([*shards, shards[1]], "are both shard 1 of 3"),
+        ([shards[0], shards[1], other[2]], "written with pool='mean' and 'cls'"),
+        ([reordered, shards[1], shards[2]], f"{str(images[4])!r} is in both"),
+        ([whole], "is not a shard (embedded without --num-shards)"),
+        ([tmp_path / "nothing.npy"], "is no finished embed output"),
+    ]
+    for given, message in cases:
+        assert main(["merge", str(tmp_path / "merged.npy"), *map(str, given)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "merged.npy").exists()
+    assert main(["merge", str(tmp_path / "merged.npy"), *map(str, shards)]) == 0
+    assert "(5 x 64, float32)" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "merged.npy"), *map(str, shards)]) == 2
+    assert "already exists: add --overwrite" in capsys.readouterr().err

@@ -156,6 +156,14 @@ class OutputFormat:
         """Raises OSError or ValueError (the reason) for an output that cannot be read."""
         raise NotImplementedError
 
+    def join(
+        self, folder: Path, outputs: list[Path], inputs: list[list[str]], settings: dict[str, Any]
+    ) -> str:
+        """Store the rows of ``outputs`` (each holding the rows of its ``inputs``), one after
+        the other, into ``folder`` under a name it returns, for ``place``. Raises ValueError
+        naming an output whose rows are not its inputs."""
+        raise NotImplementedError
+
 
 class _Npy(OutputFormat):
     name = "npy"
@@ -183,6 +191,24 @@ class _Npy(OutputFormat):
 
     def read(self, out: Path, inputs: list[str], shape: list[int]) -> np.ndarray:
         return np.load(out, mmap_mode="r")
+
+    def join(self, folder, outputs, inputs, settings) -> str:
+        arrays = [np.load(path, mmap_mode="r") for path in outputs]
+        for path, array, rows in zip(outputs, arrays, inputs, strict=True):
+            if len(array) != len(rows):
+                raise ValueError(f"{quoted(path)} has {len(array)} rows, its manifest {len(rows)}")
+        ready = folder / "features.npy"
+        shape = (sum(map(len, arrays)), *settings["feature_shape"])
+        what = f"{shape[0]} rows of features"
+        check_space(ready, sum(array.nbytes for array in arrays), what)
+        joined = create_array(ready, settings["features_dtype"], shape, what)
+        start = 0
+        for array in arrays:
+            rows = np.arange(len(array))
+            copy_rows(array, rows, joined, start + rows)
+            start += len(array)
+        joined.flush()
+        return ready.name
 
 
 def _pyarrow():
@@ -270,6 +296,29 @@ class _Parquet(OutputFormat):
             raise ValueError("its rows are not the inputs its manifest lists")
         position = {path: row for row, path in enumerate(paths)}
         return values.reshape(len(paths), *shape)[[position[path] for path in inputs]]
+
+    def join(self, folder, outputs, inputs, settings) -> str:
+        pq = _pyarrow().parquet
+        ready = folder / "parquet"
+        ready.mkdir()
+        schema = self.schema(settings)
+        index = 0
+        for path, rows in zip(outputs, inputs, strict=True):
+            paths: list[str] = []
+            for part in sorted(path.glob("part-*.parquet")):
+                try:
+                    table = pq.read_table(part)
+                    table = table.cast(schema)
+                except (_pyarrow().ArrowException, KeyError) as err:
+                    raise ValueError(f"{quoted(part)}: {first_line(err)}") from None
+                paths += table.column("path").to_pylist()
+                self.write_part(ready, index, table)
+                index += 1
+            if paths != rows:
+                raise ValueError(
+                    f"the rows of {quoted(path)} are not the inputs its manifest lists"
+                )
+        return ready.name
 
 
 FORMATS: dict[str, OutputFormat] = {"npy": _Npy(), "parquet": _Parquet()}
