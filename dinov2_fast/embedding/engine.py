@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._resolve import first_line
 from .preprocess import crop_pixels, load_image, normalize, resize_size_for
+from .sources import read_input
 
 __all__ = [
     "ImageItem",
@@ -32,7 +32,8 @@ __all__ = [
     "pool_output",
 ]
 
-# What one row is made from: a path or the file's bytes (read by a source), or pixels.
+# What one row is made from: a path (a file, or a tar member keyed TAR::MEMBER) or the file's
+# bytes, or pixels.
 ImageItem = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
@@ -80,7 +81,7 @@ def _open(item: ImageItem, draft_size: int | None) -> tuple[Image.Image, float]:
     if isinstance(item, np.ndarray):
         return _array_image(item), 0.0
     started = time.perf_counter()
-    data = item if isinstance(item, bytes) else Path(item).read_bytes()
+    data = item if isinstance(item, bytes) else read_input(item)
     read = time.perf_counter() - started
     return load_image(io.BytesIO(data), draft_size=draft_size), read
 

@@ -1,26 +1,35 @@
-"""Listing the inputs: files, folders (recursive) and globs to image paths, in row order.
+"""Listing the inputs: files, folders (recursive), globs and tar shards to image paths, in
+row order, and reading an input's bytes.
 
 Row order: the inputs in command-line order; a folder contributes its images (recursively,
 hidden files and folders left out) sorted by path, a glob its image matches sorted by path.
 Folders and ``**`` follow links to folders, each real folder once (a link loop ends there);
 a file met twice, by the same path or through links, keeps its first place and path.
+
+Tar shards (webdataset, as img2dataset writes them): an uncompressed ``.tar`` named or
+matched by a glob contributes its image members in the tar's order, each a row keyed
+``TAR::MEMBER``; brace patterns (``shards/{00000..00099}.tar``, ``{a,b}``) expand first.
+A folder lists images only, not the tars in it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import os
+import re
 import stat
+import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image
 
-from .._resolve import UserError, quoted
+from .._resolve import UserError, first_line, quoted
 
-__all__ = ["Inputs", "collect_inputs", "shard_of"]
+__all__ = ["Inputs", "collect_inputs", "read_input", "shard_of"]
 
 # Formats Pillow can read (some of its registered extensions, such as .pdf, are write-only).
 _IMAGE_SUFFIXES = frozenset(
@@ -98,9 +107,131 @@ def _recursive_glob(pattern: str) -> list[str]:
     return sorted(images)
 
 
-def _expand(pattern: str) -> tuple[list[str], bool]:
-    """The image paths of one input, and whether they were listed (from a folder or glob)
-    rather than named."""
+_TAR_KEY = ".tar::"
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def _braces(pattern: str) -> list[str]:
+    """``{00000..00002}`` (zero-padded as written) and ``{a,b}`` alternatives, as a shell
+    expands them; a pattern without them, or an existing path, stands for itself."""
+    found = _BRACES.search(pattern)
+    if found is None or os.path.exists(pattern):
+        return [pattern]
+    body = found.group(1)
+    numbers = _RANGE.fullmatch(body)
+    if numbers:
+        first, last = (int(n) for n in numbers.groups())
+        width = len(numbers.group(1)) if numbers.group(1).startswith("0") else 0
+        step = 1 if last >= first else -1
+        choices = [f"{n:0{width}d}" for n in range(first, last + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [pattern]
+    head, tail = pattern[: found.start()], pattern[found.end() :]
+    return [expanded for choice in choices for expanded in _braces(head + choice + tail)]
+
+
+@functools.lru_cache(maxsize=16)
+def _tar_members(tar: str) -> tuple[dict[str, tuple[int, int]], str | None]:
+    """A tar's regular members: name -> (offset of the data, size), and why the listing
+    stopped early (a tar cut short), or None. Cached per process, so that each decoding
+    process reads a tar's headers once."""
+    members: dict[str, tuple[int, int]] = {}
+    with tarfile.open(tar, "r:") as archive:
+        try:
+            for member in archive:
+                if member.isfile():
+                    members[member.name] = (member.offset_data, member.size)
+        except tarfile.ReadError as err:
+            return members, first_line(err)
+    return members, None
+
+
+def _tar_images(tar: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The keys of a tar's image members in the tar's order, and the tar (or what of it
+    could not be listed) skipped with why."""
+    try:
+        members, stopped = _tar_members(tar)
+    except (OSError, tarfile.TarError) as err:
+        return [], [(tar, f"cannot list the tar: {first_line(err)}")]
+    skipped = []
+    if stopped is not None:
+        reason = f"cannot list the tar past its member {len(members)}: {stopped}"
+        skipped.append((tar, reason))
+    return [f"{tar}::{name}" for name in members if _is_image_name(name)], skipped
+
+
+def _tar_key(path: str) -> tuple[str, str] | None:
+    """(tar, member) of a ``TAR::MEMBER`` key; None for a file's path."""
+    split = path.find(_TAR_KEY)
+    if split < 0 or os.path.exists(path):
+        return None
+    end = split + len(".tar")
+    return path[:end], path[end + len("::") :]
+
+
+def read_input(item: str | os.PathLike) -> bytes:
+    """The bytes of a listed input: a file, or a tar member keyed ``TAR::MEMBER``."""
+    path = os.fspath(item)
+    key = _tar_key(path)
+    if key is None:
+        return Path(path).read_bytes()
+    tar, member = key
+    members, _ = _tar_members(tar)
+    if member not in members:
+        raise OSError(f"no member {member!r} in the tar (changed since it was listed?)")
+    offset, size = members[member]
+    with open(tar, "rb") as archive:
+        archive.seek(offset)
+        data = archive.read(size)
+    if len(data) < size:
+        raise OSError(f"the tar ends inside this member ({len(data)} of {size} bytes)")
+    return data
+
+
+def _tars(pattern: str) -> list[str]:
+    """The tar a pattern names, or the tars a glob matches when it matches tars only."""
+
+    def is_tar(path: str) -> bool:
+        return path.lower().endswith(".tar") and os.path.isfile(path)
+
+    if is_tar(pattern):
+        return [pattern]
+    if not glob.has_magic(pattern) or "**" in pattern or os.path.exists(pattern):
+        return []
+    matches = sorted(glob.glob(pattern))
+    return matches if matches and all(map(is_tar, matches)) else []
+
+
+def _expand(pattern: str) -> tuple[list[str], bool, list[tuple[str, str]]]:
+    """The image paths of one input, whether they were listed (from a folder, glob or tar)
+    rather than named, and the tars that could not be listed, with why."""
+    paths: list[str] = []
+    listed = False
+    skipped: list[tuple[str, str]] = []
+    for expanded in _braces(pattern):
+        tars = _tars(expanded)
+        if not tars:
+            images, from_listing = _expand_files(expanded)
+            paths += images
+            listed = listed or from_listing
+            continue
+        found = len(paths) + len(skipped)
+        for tar in tars:
+            images, unreadable = _tar_images(os.path.normpath(tar))
+            paths += images
+            skipped += unreadable
+        if len(paths) + len(skipped) == found:
+            raise UserError(f"no image members in {quoted(expanded)} ({_accepted()})")
+        listed = True
+    return paths, listed, skipped
+
+
+def _expand_files(pattern: str) -> tuple[list[str], bool]:
+    """The image paths of a file, folder or glob, and whether they were listed (from a
+    folder or glob) rather than named."""
     if os.path.isdir(pattern):
         images = _images_under(pattern)
         if not images:
@@ -161,8 +292,13 @@ def collect_inputs(patterns: Sequence[str]) -> Inputs:
     chosen: dict[str, str] = {}
     skipped: list[tuple[str, str]] = []
     for pattern in patterns:
-        paths, listed = _expand(pattern)
+        paths, listed, unreadable = _expand(pattern)
+        skipped += unreadable
         for path in paths:
+            key = _tar_key(path)
+            if key is not None:
+                chosen.setdefault(f"{os.path.realpath(key[0])}::{key[1]}", path)
+                continue
             reason = _not_regular(path) if listed else None
             if reason is not None:
                 skipped.append((path, reason))
