@@ -232,3 +232,26 @@ def test_merge_refuses_missing_repeated_mixed_and_unsharded_outputs(
     assert "(5 x 64, float32)" in capsys.readouterr().out
     assert main(["merge", str(tmp_path / "merged.npy"), *map(str, shards)]) == 2
     assert "already exists: add --overwrite" in capsys.readouterr().err
+
+
+def _reading_examples() -> list[str]:
+    """The Python blocks of docs/cli.md's "Reading the outputs"."""
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    section = text.split("**Reading the outputs.**", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_the_reading_examples_in_the_docs_run(model_dir, images, tmp_path, monkeypatch):
+    import importlib.util
+    import re
+
+    _embed(model_dir, tmp_path / "photos.npy", images[:3])
+    _embed(model_dir, tmp_path / "photos-parquet", images[:3], format="parquet")
+    monkeypatch.chdir(tmp_path)
+    examples = _reading_examples()
+    assert len(examples) == 4
+    for example in examples:
+        modules = re.findall(r"^(?:import|from) (\w+)", example, flags=re.MULTILINE)
+        # datasets and autofaiss are not among the test dependencies: run those where present.
+        if all(importlib.util.find_spec(module) for module in modules):
+            exec(compile(example, "docs/cli.md", "exec"), {})
