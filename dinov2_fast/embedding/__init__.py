@@ -1,10 +1,11 @@
 """The embedding job behind ``dinov2-fast embed``: an application on the library core.
 
-``sources`` lists the inputs, ``preprocess`` turns an image into the checkpoints' pixels,
-``engine`` batches them through the model and pools the output, ``sinks`` writes the rows,
-``ranks`` coordinates torchrun processes, ``lock`` keeps one run per output, ``runner``
-drives a run (resume, manifest, the crash-safe finish), and ``api`` is ``dinov2_fast.embed``,
-the same pipeline for images in memory.
+``sources`` lists the inputs (files, folders, globs, tar shards), ``preprocess`` turns an
+image into the checkpoints' pixels, ``engine`` batches them through the model and pools the
+output, ``sinks`` writes the rows and the output formats (``.npy``, Parquet parts),
+``merge`` joins the outputs of sharded runs, ``ranks`` coordinates torchrun processes,
+``lock`` keeps one run per output, ``runner`` drives a run (resume, manifest, the crash-safe
+finish), and ``api`` is ``dinov2_fast.embed``, the same pipeline for images in memory.
 """
 
 from .api import embed
