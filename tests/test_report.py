@@ -109,9 +109,7 @@ _SIGNATURE_CHECK = """
 import random
 import torch
 from dinov2_fast.kernels import attention as A
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
+from dinov2_fast.kernels._common import jit_specialization
 
 arch = 90
 specs = A.compile_specs(arch)
@@ -126,9 +124,7 @@ for config in A.candidate_configs(arch, 64):
                   "packed varlen head_scale"]:
         for dtype in ["fp16", "bf16"]:
             assert f"{dtype} d64 {config.name} {kinds}" in labels, (config.name, kinds)
-backend = make_backend(GPUTarget("cuda", arch, 32))
 kernel = A._attention_fwd_kernel
-binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 # Shapes of the default models at batch sizes compile_specs never built: the JIT must
 # specialise them to a compile the report checked.
 rng = random.Random(0)
@@ -138,7 +134,8 @@ for _ in range(12):
     batch = rng.randint(2, 63)
     for kind, launch in A._launches(dtype, heads, 64, tokens, batch, True):
         config = rng.choice(A.candidate_configs(arch, 64))
-        signature, constexprs, attrs = A._specialize(launch, config, backend, binder)
+        kwargs = {**launch.constexprs, **config._launch_options}
+        signature, constexprs, attrs = jit_specialization(kernel, launch.args, kwargs, arch)
         key = (config.name, tuple(signature.items()), str(constexprs), str(attrs))
         assert key in compiled, (kind, heads, tokens, batch, config.name)
 print("ok", len(specs))
