@@ -48,20 +48,29 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 torch.nn.modules.module.register_module_module_registration_hook(_bump)
 
 
-def _parameters(model: nn.Module) -> tuple[nn.Parameter, ...]:
-    cached = model.__dict__.get("_dinov2_fast_parameters")
+def _parameter_slots(model: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """Every (owner's parameter dict, name) of ``model``, cached until a module or parameter
+    is registered anywhere; read live, so a parameter swapped in place is seen."""
+    cached = model.__dict__.get("_dinov2_fast_parameter_slots")
     if cached is None or cached[0] != _registrations[0]:
-        cached = (_registrations[0], tuple(model.parameters()))
-        model.__dict__["_dinov2_fast_parameters"] = cached
+        slots = [(m._parameters, name) for m in model.modules() for name in m._parameters]
+        cached = (_registrations[0], slots)
+        model.__dict__["_dinov2_fast_parameter_slots"] = cached
     return cached[1]
 
 
 def needs_grad(model: nn.Module, inputs: torch.Tensor) -> bool:
     """Whether this call builds an autograd graph the kernels (no backward yet) cannot serve.
-    Free under ``no_grad``/``inference_mode``; otherwise one pass over a cached tuple."""
+    Free under ``no_grad``/``inference_mode``; otherwise one pass over the cached slots."""
     if not torch.is_grad_enabled():
         return False
-    return inputs.requires_grad or any(p.requires_grad for p in _parameters(model))
+    if inputs.requires_grad:
+        return True
+    for owner, name in _parameter_slots(model):
+        p = owner.get(name)
+        if p is not None and p.requires_grad:
+            return True
+    return False
 
 
 def fused_backend(
@@ -108,15 +117,25 @@ def fused_backend(
 
 def _packed_view(params: list[torch.Tensor]) -> torch.Tensor | None:
     """The tensors as one ``cat`` along dim 0 without copying, if they are contiguous
-    neighbours in one storage (else None)."""
+    neighbours in one storage (else None). Separate storages that merely sit back to back
+    (the CUDA allocator hands them out so) do not count: a view may not cross storages."""
     first = params[0]
+    storage = first.untyped_storage()
     address = first.data_ptr()
     for p in params:
-        if p.data_ptr() != address or not p.is_contiguous() or p.dtype != first.dtype:
+        if (
+            p.data_ptr() != address
+            or not p.is_contiguous()
+            or p.dtype != first.dtype
+            or p.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
             return None
         address += p.numel() * p.element_size()
+    if address > storage.data_ptr() + storage.nbytes():
+        return None
     shape = (sum(p.shape[0] for p in params), *first.shape[1:])
-    return first.as_strided(shape, first.stride())
+    # Detached: a view based on the Parameter itself would pin it (swap-based .to() fails).
+    return first.detach().as_strided(shape, first.stride())
 
 
 def _pack(params: list[nn.Parameter]) -> torch.Tensor:
@@ -404,6 +423,13 @@ class _BlockParts:
         )
         self.ffn_in_weight, self.ffn_in_bias = ffn_in.weight, ffn_in.bias
         self.ffn_out_weight, self.ffn_out_bias = ffn_out.weight, ffn_out.bias
+        # (owner's parameter dict, name, parameter): the parts are current while every entry
+        # still holds the same object (functional_call and accelerate swap them in place).
+        self.sources = [
+            (module._parameters, name, module._parameters[name])
+            for module in layer.modules()
+            for name in module._parameters
+        ]
         projections = (attention.query, attention.key, attention.value)
         self._qkv_params = [p.weight for p in projections]
         if attention.query.bias is not None:
@@ -429,7 +455,11 @@ class _BlockParts:
 
 def _block_parts(layer: nn.Module) -> _BlockParts:
     cached = layer.__dict__.get("_dinov2_fast_parts")
-    if cached is None or cached[0] != _registrations[0]:
+    if (
+        cached is None
+        or cached[0] != _registrations[0]
+        or any(owner.get(name) is not p for owner, name, p in cached[1].sources)
+    ):
         cached = (_registrations[0], _BlockParts(layer))
         layer.__dict__["_dinov2_fast_parts"] = cached
     return cached[1]
@@ -488,9 +518,10 @@ def executor_for(
     packing: Packing | None = None,
 ) -> _Executor:
     """The executor of this forward: the forced plan, the cached one, or one tuned now.
-    A compile trace takes the cached plan (or the default) as a constant of the graph.
-    A packed forward (``packing``) takes the plan of its (images, longest image) bucket and
-    is never tuned itself (tuning times dense batches)."""
+    A compile trace takes the all-kernel plan (sites forced by set_plan or DINOV2_FAST_PLAN
+    excepted) as a constant of the graph. A packed forward (``packing``) takes the plan of
+    its (images, longest image) bucket and is never tuned itself (tuning times dense
+    batches)."""
     if packing is None:
         batch, tokens = hidden_states.shape[0], hidden_states.shape[1]
     else:
@@ -504,8 +535,6 @@ def executor_for(
             model_signature(config),
             ffn_kind(config),
             layers[0].attention.attention.attention_head_size,
-            batch,
-            tokens,
             packing is not None,
         )
         return _TRACED_EXECUTORS[key]
@@ -529,7 +558,10 @@ def executor_for(
         chosen = record.plan
         if packing is not None:
             chosen = _packed_plan(chosen, hidden_states, layers)
-        run = _RESOLVED[memo_key] = _executor(chosen, ffn_kind(config), False)
+        run = _executor(chosen, ffn_kind(config), False)
+        if record.reason != _NOT_TUNED or hidden_states.device.type != "cuda":
+            # An untuned default on CUDA (a capture's first use) is tuned by a later forward.
+            _RESOLVED[memo_key] = run
     return run
 
 
@@ -543,6 +575,7 @@ def _packed_plan(chosen: plan.Plan, hidden_states: torch.Tensor, layers: Any) ->
     return chosen
 
 
+_NOT_TUNED = "not tuned for this shape yet: every site on its kernel until it is"
 # Executors already resolved for (backend, forced plans, device, dtype, B, N, packed,
 # model): a steady-state forward finds its own here. Cleared whenever a plan is tuned.
 _RESOLVED: dict[tuple[Any, ...], _Executor] = {}
@@ -556,20 +589,14 @@ def _traced_executor_key_impl(
     model: str,
     kind: str,
     head_dim: int,
-    batch: int,
-    tokens: int,
     packed: bool,
 ) -> str:
+    # The batch and token counts are not arguments: dynamo makes them symbolic on a second
+    # shape, and a constant function cannot take a symbol. A trace therefore runs every site
+    # on its kernel (or as set_plan / DINOV2_FAST_PLAN force), whatever the shape.
     sites = plan.forced_sites(forced or None)
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype.removeprefix("torch."))
-    if backend == "triton":
-        chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
-    else:
-        record = plan.lookup(plan.plan_key(torch_device, torch_dtype, model, batch, tokens))
-        if record is None:
-            chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
-        else:
-            chosen = record.plan.replace(**sites)
+    chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
     if packed and chosen.attention.startswith("sdpa"):
         if _attention_kernel_blocker(torch_device, torch_dtype, head_dim) is None:
             chosen = chosen.replace(attention="triton")
@@ -647,8 +674,7 @@ def resolve(
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not may_tune or (timer is None and (capturing or device.type != "cuda")):
             chosen = _fused_default(device, dtype, head_dim, forced, backend)
-            reason = "not tuned for this shape yet: every site on its kernel until it is"
-            return plan.PlanRecord(chosen, reason)
+            return plan.PlanRecord(chosen, _NOT_TUNED)
         from ._tuning import tune_layer
 
         # Every site is tuned, forced or not: the cache holds what is fastest, and forcing

@@ -19,7 +19,9 @@ then times the whole block under that plan against the unfused block and keeps t
 Choices are cached in memory and on disk (``plans.json`` under ``DINOV2_FAST_CACHE_DIR``,
 default ``~/.cache/dinov2_fast``), the file stamped with the versions of this library, torch,
 triton and the CUDA driver: a stamp that differs discards the file. Tuning never runs in a
-CUDA-graph capture or a compile trace (those use a cached plan, else the default).
+CUDA-graph capture or a compile trace (a capture uses the cached plan, else every site on
+its kernel; a trace runs every site on its kernel, sites forced by ``set_plan`` or
+``DINOV2_FAST_PLAN`` excepted).
 
 ``DINOV2_FAST_PLAN`` (or ``model.set_plan``) forces a plan: ``unfused``, ``fused`` or
 ``site=candidate`` pairs, e.g. ``attention=sdpa:flash,ffn=triton``; sites left out are chosen
@@ -199,8 +201,12 @@ def versions() -> dict[str, str | None]:
     from . import __version__
 
     driver = None
-    if torch.cuda.is_available():
-        driver = str(torch._C._cuda_getDriverVersion())
+    get_driver = getattr(torch._C, "_cuda_getDriverVersion", None)
+    if get_driver is not None and torch.cuda.is_available():
+        try:
+            driver = str(get_driver())
+        except RuntimeError:
+            driver = None
     return {
         "dinov2_fast": __version__,
         "torch": torch.__version__,
@@ -246,6 +252,11 @@ class _Store:
         self._load()
         self.records[key] = record
         path = cache_path()
+        # Plans another process saved since this one read the file are kept, not overwritten.
+        self.loaded_from = None
+        saved, self.records = self.records, {}
+        self._load()
+        self.records.update(saved)
         payload = {
             "versions": versions(),
             "plans": {k: v.to_json() for k, v in sorted(self.records.items())},

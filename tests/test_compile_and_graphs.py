@@ -34,6 +34,22 @@ def test_fullgraph_compile_of_our_model_runs_the_kernels():
 
 @pytest.mark.interpreter
 @torch.no_grad()
+def test_a_compiled_model_takes_a_second_batch_size():
+    """Dynamo makes the batch symbolic on a recompile; the trace must not need it constant."""
+    model = _our_model().set_backend("triton")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for batch in (1, 2, 3):
+        pixels = torch.randn(batch, 3, 56, 56)
+        with count_launches() as launches:
+            out = compiled(pixels).last_hidden_state
+        assert launches["attention"] == 2
+        expected = model.set_backend("torch")(pixels).last_hidden_state
+        model.set_backend("triton")
+        assert rel_err(out, expected) <= 1e-4
+
+
+@pytest.mark.interpreter
+@torch.no_grad()
 def test_fullgraph_compile_of_an_optimized_transformers_model():
     original = hf_model("Dinov2Model", **HEAD64)
     fast = dinov2_fast.optimize(copy.deepcopy(original))

@@ -272,3 +272,46 @@ def test_the_cli_lists_tuned_plans_and_tune_needs_cuda(capsys):
     assert "1 tuned shapes" in shown and "norm=triton" in shown
     assert cli.main(["tune", "--device", "cpu"]) == 2
     assert "tune times the candidates on a CUDA device" in capsys.readouterr().err
+
+
+def test_separate_storages_that_sit_back_to_back_are_never_one_view():
+    """The CUDA allocator hands consecutive small tensors out back to back; a view across
+    them would read outside the first storage."""
+    buffer = torch.zeros(3 * 64)
+    pieces = [torch.zeros(64) for _ in range(3)]
+    assert fused._packed_view(list(buffer.split(64))) is not None
+    assert fused._packed_view(pieces) is None
+    # Adjacent but separate storages (a frombuffer trick stands in for the allocator).
+    import numpy as np
+
+    memory = np.zeros(3 * 64, dtype=np.float32)
+    separate = [
+        torch.frombuffer(memory[i * 64 : (i + 1) * 64], dtype=torch.float32) for i in range(3)
+    ]
+    assert all(p.untyped_storage().nbytes() == 256 for p in separate)
+    assert fused._packed_view(separate) is None
+
+
+@torch.no_grad()
+def test_parameters_swapped_in_place_are_seen_by_the_fused_path():
+    model = _model().set_backend("triton")
+    pixels = _pixels()
+    model(pixels)  # caches the block parts
+    others = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    swapped = torch.func.functional_call(model, others, (pixels,)).pooler_output
+    reference = _model().set_backend("torch")
+    reference.load_state_dict(others)
+    torch.testing.assert_close(swapped, reference(pixels).pooler_output, rtol=1e-4, atol=1e-4)
+
+
+def test_functional_call_with_trainable_parameters_takes_the_gradient_path():
+    model = _model().set_backend("triton")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pixels = _pixels()
+    model(pixels)
+    weights = {name: p.clone().requires_grad_(True) for name, p in model.named_parameters()}
+    out = torch.func.functional_call(model, weights, (pixels,)).pooler_output
+    out.sum().backward()
+    # Every weight but the mask token (no masked positions here) gets its gradient.
+    assert [n for n, w in weights.items() if w.grad is None] == ["embeddings.mask_token"]
