@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-SHAPES = (("large", 224, 64), ("giant", 518, 8), ("base", 224, 1))
+# Cheapest first, so a run cut short by its budget keeps the most shapes.
+SHAPES = (("base", 224, 1), ("large", 224, 64), ("giant", 518, 8))
 SMOKE_SHAPES = (("smoke", 28, 2),)
 SMOKE_FIELDS = {"hidden_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
 
@@ -62,9 +63,13 @@ def _transformers(model: Any, attention: str, device: torch.device, dtype: torch
 
     fields = model.config.to_dict()
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    twin = transformers.AutoModel.from_config(config, attn_implementation=attention)
+    # Built on the device in its dtype: a giant twin on the CPU in fp32 costs most of a budget.
+    with torch.device(device):
+        twin = transformers.AutoModel.from_config(
+            config, attn_implementation=attention, torch_dtype=dtype
+        )
     twin.load_state_dict(model.state_dict())
-    return twin.to(device=device, dtype=dtype).eval()
+    return twin.eval()
 
 
 def _forward(net: Callable[..., Any], pixels: torch.Tensor) -> Callable[[], object]:
@@ -76,9 +81,15 @@ def _forward(net: Callable[..., Any], pixels: torch.Tensor) -> Callable[[], obje
 
 
 def check_shape(
-    size: str, image_size: int, batch: int, device: torch.device, smoke: bool
-) -> dict[str, Any]:
-    """Tune one shape and time every way to run it; returns the JSON row."""
+    size: str,
+    image_size: int,
+    batch: int,
+    device: torch.device,
+    smoke: bool,
+    row: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """Tune one shape and time every way to run it into ``row``, saving after each step."""
     import dinov2_fast
     from dinov2_fast import plan
 
@@ -90,48 +101,44 @@ def check_shape(
     pixels = torch.randn(batch, 3, image_size, image_size, device=device, dtype=dtype)
     started = time.perf_counter()
     record = dinov2_fast.tune(model, pixels, timer=timer if smoke else None, retune=True)
-    row: dict[str, Any] = {
-        "model": size,
-        "image_size": image_size,
-        "batch": batch,
+    row.update({
         "dtype": str(dtype).removeprefix("torch."),
         "plan": str(record.plan),
         "reason": record.reason,
         "tune_s": round(time.perf_counter() - started, 2),
         "candidates_ms": dict(record.times_ms),
         "rejected": dict(record.rejected),
-        "forward_ms": {},
-        "errors": {},
-    }
+    })  # fmt: skip
+    save()
     forwards: dict[str, Callable[[], object]] = {}
     for name, forced in (("tuned", None), ("unfused", "unfused"), ("fused", "fused")):
         forwards[f"dinov2_fast {name} plan"] = (forced, _forward(model, pixels))
     if device.type == "cuda" and batch == 1:
         graphed = dinov2_fast.cuda_graph(model)
         forwards["dinov2_fast tuned plan + cudagraph"] = (None, lambda: graphed(pixels))
-    peers = ["sdpa", "eager"]
-    for attention in peers:
-        forwards[f"transformers {attention}"] = (
-            None,
-            _forward(_transformers(model, attention, device, dtype), pixels),
-        )
-    if size == "large":
-        compiled = torch.compile(_transformers(model, "sdpa", device, dtype))
-        forwards["transformers sdpa + torch.compile"] = (None, _forward(compiled, pixels))
+    for attention in ("sdpa", "eager"):
+        forwards[f"transformers {attention}"] = (None, attention)
+    if size == "large":  # the compile is the slow step: last
+        forwards["transformers sdpa + torch.compile"] = (None, "compile")
     for label, (forced, forward) in forwards.items():
         if label.startswith("dinov2_fast"):
             model.set_plan(forced)
         try:
+            if isinstance(forward, str):
+                twin = _transformers(model, "sdpa" if forward == "compile" else forward, device,
+                                     dtype)  # fmt: skip
+                forward = _forward(torch.compile(twin) if forward == "compile" else twin, pixels)
             row["forward_ms"][label] = timer(label, forward)
         except Exception as error:  # noqa: BLE001 - one provider failing is a row, not a stop
             row["errors"][label] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        save()
     model.set_plan(None)
     tuned = row["forward_ms"].get("dinov2_fast tuned plan")
     if tuned:
         row["speedup_of_tuned"] = {
             label: round(ms / tuned, 3) for label, ms in row["forward_ms"].items()
         }
-    return row
+    save()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,10 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     from bench import harness
 
     result = {**harness.environment(device), "shapes": []}
-    for size, image_size, batch in shapes:
-        row = check_shape(size, image_size, batch, device, args.cpu_smoke)
-        result["shapes"].append(row)
+
+    def save() -> None:
         args.out.write_text(json.dumps(result, indent=1))
+
+    for size, image_size, batch in shapes:
+        row: dict[str, Any] = {
+            "model": size,
+            "image_size": image_size,
+            "batch": batch,
+            "forward_ms": {},
+            "errors": {},
+        }
+        result["shapes"].append(row)
+        try:
+            check_shape(size, image_size, batch, device, args.cpu_smoke, row, save)
+        except Exception as error:  # noqa: BLE001 - a shape that fails is a row; the next runs
+            row["errors"]["shape"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            save()
+            print(f"{size}@{image_size} b{batch}: {row['errors']['shape']}")
+            continue
         print(f"{size}@{image_size} b{batch}: plan {row['plan']} ({row['reason']})")
         tuned = row["forward_ms"].get("dinov2_fast tuned plan")
         for label, ms in sorted(row["forward_ms"].items(), key=lambda item: item[1]):
