@@ -701,11 +701,8 @@ def plan_text(forced: str | Mapping[str, str] | None) -> str | None:
 def _parts_of(model: nn.Module) -> tuple[nn.Module, Any, Any, nn.LayerNorm | None, nn.Module]:
     """(embeddings, config, layers, final norm, plan owner) of one of our models or of an
     ``optimize()``d transformers model."""
-    base = model
-    for name in ("dinov2", "dinov2_with_registers"):
-        base = (
-            getattr(base, name, base) if isinstance(getattr(base, name, None), nn.Module) else base
-        )
+    # Heads hold the encoder as their base model (ours and transformers' alike).
+    base = getattr(model, "base_model", model)
     embeddings = getattr(base, "embeddings", None)
     encoder = getattr(base, "encoder", None)
     if embeddings is None or encoder is None:

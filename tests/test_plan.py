@@ -315,3 +315,11 @@ def test_functional_call_with_trainable_parameters_takes_the_gradient_path():
     out.sum().backward()
     # Every weight but the mask token (no masked positions here) gets its gradient.
     assert [n for n, w in weights.items() if w.grad is None] == ["embeddings.mask_token"]
+
+
+def test_a_head_is_tuned_through_its_base_model():
+    head = randomize(
+        dinov2_fast.Dinov2ForImageClassification(dinov2_fast.Dinov2Config(**TINY, num_labels=3))
+    ).eval()
+    record = dinov2_fast.tune(head, _pixels(), timer=FakeTimer({"norm=triton": 0.1}))
+    assert record.plan.norm == "triton"
