@@ -15,6 +15,7 @@ from PIL import Image
 from dinov2_fast._resolve import UserError
 from dinov2_fast.embedding import sinks
 from dinov2_fast.embedding.sources import shard_of
+from tests._embedding import embed_small
 from tests._models import hf_model
 
 pa = pytest.importorskip("pyarrow")
@@ -48,21 +49,6 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sinks, "_PART_BYTES", 2 * 64 * 4)
 
 
-def _embed(model: Path, out: Path, inputs: list[Path], **options):
-    from dinov2_fast.embedding import embed_images
-
-    return embed_images(
-        [str(p) for p in inputs],
-        str(model),
-        out,
-        crop_size=28,
-        device="cpu",
-        workers=0,
-        show_progress=False,
-        **options,
-    )
-
-
 def _table(out: Path):
     import pyarrow.dataset
 
@@ -75,9 +61,9 @@ def _manifest(out: Path) -> dict:
 
 def test_parquet_parts_are_one_table_with_the_npy_rows(model_dir, images, tmp_path, small_parts):
     npy = tmp_path / "features.npy"
-    _embed(model_dir, npy, images)
+    embed_small(model_dir, npy, images)
     out = tmp_path / "parts"
-    result = _embed(model_dir, out, images, format="parquet")
+    result = embed_small(model_dir, out, images, format="parquet")
     assert (result.rows, result.skipped) == (5, 1)
     assert sorted(p.name for p in out.iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
     table = _table(out)
@@ -98,7 +84,7 @@ def test_parquet_patch_pool_is_flattened_with_its_shape_in_the_metadata(
     model_dir, images, tmp_path
 ):
     out = tmp_path / "patches"
-    _embed(model_dir, out, images[:2], format="parquet", pool="patch")
+    embed_small(model_dir, out, images[:2], format="parquet", pool="patch")
     table = _table(out)
     shape = json.loads(table.schema.metadata[b"dinov2_fast"])["embedding_shape"]
     assert shape == [4, 64]
@@ -109,18 +95,18 @@ def test_parquet_resume_keeps_rows_and_existing_output_needs_a_flag(
     model_dir, images, tmp_path, small_parts
 ):
     out = tmp_path / "features"
-    _embed(model_dir, out, images[:3], format="parquet")
+    embed_small(model_dir, out, images[:3], format="parquet")
     with pytest.raises(UserError, match="already exists: add --resume"):
-        _embed(model_dir, out, images, format="parquet")
+        embed_small(model_dir, out, images, format="parquet")
     with pytest.raises(UserError, match="written with pool='cls'"):
-        _embed(model_dir, out, images, format="parquet", pool="mean", resume=True)
+        embed_small(model_dir, out, images, format="parquet", pool="mean", resume=True)
     before = _table(out)
-    resumed = _embed(model_dir, out, images, format="parquet", resume=True)
+    resumed = embed_small(model_dir, out, images, format="parquet", resume=True)
     assert resumed.rows == 5
     table = _table(out)
     assert table.column("path").to_pylist() == [str(p) for p in images[:5]]
     assert table.slice(0, 3).column("embedding").equals(before.column("embedding"))
-    assert _embed(model_dir, out, images[:2], format="parquet", overwrite=True).rows == 2
+    assert embed_small(model_dir, out, images[:2], format="parquet", overwrite=True).rows == 2
     assert _table(out).num_rows == 2
     assert not out.with_suffix(".partial").exists()
 
@@ -138,21 +124,21 @@ def test_a_killed_part_write_leaves_no_half_part_and_resume_finishes(
 
     monkeypatch.setattr(sinks.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        _embed(model_dir, out, images, format="parquet")
+        embed_small(model_dir, out, images, format="parquet")
     monkeypatch.setattr(sinks.os, "replace", real_replace)
     parts = out.with_suffix(".partial") / "parquet"
     assert [p.name for p in parts.glob("part-*")] == ["part-00000.parquet"]
     assert not out.exists()
-    assert _embed(model_dir, out, images, format="parquet", resume=True).rows == 5
+    assert embed_small(model_dir, out, images, format="parquet", resume=True).rows == 5
     assert _table(out).num_rows == 5
 
 
 def test_parquet_refuses_a_npy_out_and_a_file_in_its_place(model_dir, images, tmp_path):
     with pytest.raises(UserError, match="names a folder"):
-        _embed(model_dir, tmp_path / "x.npy", images, format="parquet")
+        embed_small(model_dir, tmp_path / "x.npy", images, format="parquet")
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="it is a file"):
-        _embed(model_dir, tmp_path / "file", images, format="parquet")
+        embed_small(model_dir, tmp_path / "file", images, format="parquet")
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -166,14 +152,14 @@ def test_shards_split_the_listing_without_overlap_or_gap(count, shards):
 
 def test_shard_index_must_be_below_the_count(model_dir, images, tmp_path):
     with pytest.raises(UserError, match="--shard-index must be from 0 to"):
-        _embed(model_dir, tmp_path / "f.npy", images, num_shards=2, shard_index=2)
+        embed_small(model_dir, tmp_path / "f.npy", images, num_shards=2, shard_index=2)
 
 
 def _shards(model: Path, folder: Path, inputs: list[Path], count: int, **options) -> list[Path]:
     suffix = ".npy" if options.get("format", "npy") == "npy" else ""
     outs = [folder / f"shard{index}{suffix}" for index in range(count)]
     for index, out in enumerate(outs):
-        _embed(model, out, inputs, num_shards=count, shard_index=index, **options)
+        embed_small(model, out, inputs, num_shards=count, shard_index=index, **options)
     return outs
 
 
@@ -184,7 +170,7 @@ def test_merged_shards_are_the_unsharded_run(model_dir, images, tmp_path, small_
     suffix = ".npy" if format == "npy" else ""
     whole = tmp_path / f"whole{suffix}"
     # One image per batch: a batch's size changes the CPU's float sums in the last bits.
-    _embed(model_dir, whole, [images[0].parent], format=format, batch_size=1)
+    embed_small(model_dir, whole, [images[0].parent], format=format, batch_size=1)
     shards = _shards(model_dir, tmp_path, [images[0].parent], 3, format=format, batch_size=1)
     assert _manifest(shards[1])["shard"] == [1, 3]
     merged = tmp_path / f"merged{suffix}"
@@ -211,9 +197,9 @@ def test_merge_refuses_missing_repeated_mixed_and_unsharded_outputs(
     mean.mkdir()
     other = _shards(model_dir, mean, images, 3, pool="mean")
     reordered = tmp_path / "reordered.npy"
-    _embed(model_dir, reordered, images[::-1], num_shards=3, shard_index=0)  # img5, img4
+    embed_small(model_dir, reordered, images[::-1], num_shards=3, shard_index=0)  # img5, img4
     whole = tmp_path / "whole.npy"
-    _embed(model_dir, whole, images)
+    embed_small(model_dir, whole, images)
     capsys.readouterr()
     cases = [
         (shards[:2], "shard 2 of 3 is missing"),
@@ -245,8 +231,8 @@ def test_the_reading_examples_in_the_docs_run(model_dir, images, tmp_path, monke
     import importlib.util
     import re
 
-    _embed(model_dir, tmp_path / "photos.npy", images[:3])
-    _embed(model_dir, tmp_path / "photos-parquet", images[:3], format="parquet")
+    embed_small(model_dir, tmp_path / "photos.npy", images[:3])
+    embed_small(model_dir, tmp_path / "photos-parquet", images[:3], format="parquet")
     monkeypatch.chdir(tmp_path)
     examples = _reading_examples()
     assert len(examples) == 4

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dinov2_fast._resolve import UserError
+from tests._embedding import embed_small
 from tests._models import hf_model
 
 
@@ -35,21 +36,6 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def _embed(model: Path, out: Path, inputs: list[Path], **options):
-    from dinov2_fast.embedding import embed_images
-
-    return embed_images(
-        [str(p) for p in inputs],
-        str(model),
-        out,
-        crop_size=28,
-        device="cpu",
-        workers=0,
-        show_progress=False,
-        **options,
-    )
-
-
 def _cli(capsys: pytest.CaptureFixture, model: Path, out: Path, inputs: list[Path], *extra):
     from dinov2_fast.cli import main
 
@@ -62,7 +48,7 @@ def test_resume_refuses_weights_that_changed_in_place(model_dir, images, tmp_pat
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
     out = tmp_path / "features.npy"
-    _embed(model, out, images[:2])
+    embed_small(model, out, images[:2])
     # Same size and mtime, other values: only the content can tell.
     weights = model / "model.safetensors"
     stat = weights.stat()
@@ -71,15 +57,15 @@ def test_resume_refuses_weights_that_changed_in_place(model_dir, images, tmp_pat
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(UserError, match="weights of .* changed"):
-        _embed(model, out, images, resume=True)
-    assert _embed(model, out, images, overwrite=True).rows == 3
+        embed_small(model, out, images, resume=True)
+    assert embed_small(model, out, images, overwrite=True).rows == 3
 
 
 def test_resume_with_the_same_weights_keeps_the_rows(model_dir, images, tmp_path):
     out = tmp_path / "features.npy"
-    _embed(model_dir, out, images[:2])
+    embed_small(model_dir, out, images[:2])
     first = np.load(out)
-    assert _embed(model_dir, out, images, resume=True).rows == 3
+    assert embed_small(model_dir, out, images, resume=True).rows == 3
     np.testing.assert_array_equal(np.load(out)[:2], first)
     assert json.loads(out.with_suffix(".manifest.json").read_text())["model_fingerprint"]
 
@@ -92,13 +78,13 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(model_dir, ima
     running.acquire()
     try:
         with pytest.raises(UserError, match=f"another embed is writing .*process {os.getpid()}"):
-            _embed(model_dir, out, images)
+            embed_small(model_dir, out, images)
         with pytest.raises(UserError, match="another embed is writing"):
-            _embed(model_dir, out, images, overwrite=True)
+            embed_small(model_dir, out, images, overwrite=True)
     finally:
         running.release()
     assert not out.exists()
-    assert _embed(model_dir, out, images).rows == 3
+    assert embed_small(model_dir, out, images).rows == 3
     assert not out.with_suffix(".lock").exists()
 
 
@@ -107,7 +93,7 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(model_dir, images, tmp_path, c
     # What a killed run leaves: the file naming it, with no flock held on it.
     holder = {"pid": 999999, "host": "elsewhere", "started": "yesterday"}
     out.with_suffix(".lock").write_text(json.dumps(holder))
-    assert _embed(model_dir, out, images).rows == 3
+    assert embed_small(model_dir, out, images).rows == 3
     assert "taking over the lock" in capsys.readouterr().err
     assert not out.with_suffix(".lock").exists()
 
@@ -116,7 +102,7 @@ def test_resume_with_fewer_inputs_is_refused_and_keeps_the_output(
     model_dir, images, tmp_path, capsys
 ):
     out = tmp_path / "features.npy"
-    _embed(model_dir, out, images)
+    embed_small(model_dir, out, images)
     before = {p: p.read_bytes() for p in (out, out.with_suffix(".manifest.json"))}
     status, err = _cli(capsys, model_dir, out, images[1:], "--resume")
     assert status == 2
@@ -129,7 +115,7 @@ def _unreadable_run(model: Path, out: Path, tmp_path: Path) -> None:
     """An unfinished run: its only input unreadable, so it stays in FEATURES.partial/."""
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    assert _embed(model, out, [broken]).rows == 0
+    assert embed_small(model, out, [broken]).rows == 0
 
 
 @pytest.mark.parametrize(
@@ -152,7 +138,7 @@ def test_damaged_run_files_are_named_and_overwrite_gets_past_them(
     if "partial" in damaged:
         _unreadable_run(model_dir, out, tmp_path)
     else:
-        _embed(model_dir, out, images)
+        embed_small(model_dir, out, images)
     target = tmp_path / damaged
     if damaged.endswith("finished.json"):
         target.write_text(json.dumps({"features_file": "features.npy", "manifest": {}}))
