@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import plan, reference
-from .fused import _attention_kernel_blocker, _block_parts, _executor, fused_block, packed_qkv
+from . import ops, plan, reference
+from .fused import _block_parts, _executor, fused_block, packed_qkv
 from .kernels._common import device_arch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -26,7 +26,7 @@ def attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int
     names = ["sdpa"]
     if device.type == "cuda":
         names += [f"sdpa:{backend}" for backend in ("flash", "efficient", "cudnn")]
-    if _attention_kernel_blocker(device, dtype, head_dim) is None:
+    if ops._attention_model_blocker(device, dtype, head_dim) is None:
         from .kernels import attention
 
         configs = attention.candidate_configs(device_arch(device), head_dim)

@@ -569,7 +569,7 @@ def _packed_plan(chosen: plan.Plan, hidden_states: torch.Tensor, layers: Any) ->
     """SDPA takes one image at a time in a packed batch (a Python loop): the attention
     kernel serves it wherever it can run."""
     head_dim = layers[0].attention.attention.attention_head_size
-    blocker = _attention_kernel_blocker(hidden_states.device, hidden_states.dtype, head_dim)
+    blocker = ops._attention_model_blocker(hidden_states.device, hidden_states.dtype, head_dim)
     if chosen.attention.startswith("sdpa") and blocker is None:
         return chosen.replace(attention="triton")
     return chosen
@@ -598,7 +598,7 @@ def _traced_executor_key_impl(
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype.removeprefix("torch."))
     chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
     if packed and chosen.attention.startswith("sdpa"):
-        if _attention_kernel_blocker(torch_device, torch_dtype, head_dim) is None:
+        if ops._attention_model_blocker(torch_device, torch_dtype, head_dim) is None:
             chosen = chosen.replace(attention="triton")
     text = f"{chosen}|{kind}"
     if text not in _TRACED_EXECUTORS:
@@ -608,18 +608,6 @@ def _traced_executor_key_impl(
 
 # Run as plain Python while dynamo traces; its result is a constant of the graph.
 _traced_executor_key = torch._dynamo.assume_constant_result(_traced_executor_key_impl)
-
-
-def _attention_kernel_blocker(
-    device: torch.device, dtype: torch.dtype, head_dim: int
-) -> str | None:
-    """Why the attention kernel cannot serve this model's attention (None if it can)."""
-    if head_dim not in ops._ATTENTION_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of {ops._ATTENTION_HEAD_DIMS}"
-    if dtype == torch.float32 and device.type == "cuda":
-        # Exact fp32 products spill registers in every tile shape (kernels/report.py).
-        return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
-    return None
 
 
 def _fused_default(
@@ -632,7 +620,7 @@ def _fused_default(
     """Every site on its kernel, except attention where the kernel cannot take it (SDPA
     then; an error with backend "triton"), and the forced sites."""
     chosen = plan.FUSED
-    blocker = _attention_kernel_blocker(device, dtype, head_dim)
+    blocker = ops._attention_model_blocker(device, dtype, head_dim)
     if blocker is not None and forced.get("attention", "triton").startswith("triton"):
         if backend == "triton":
             raise RuntimeError(f"backend 'triton' is forced but {blocker}")

@@ -292,15 +292,24 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return reference.gelu(x, bias)
 
 
+def _attention_model_blocker(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the attention kernel cannot serve a model of this head_dim in this dtype on this
+    device (None if it can): what the fused forward asks once per plan."""
+    if head_dim not in _ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
+    if dtype == torch.float32 and device.type == "cuda":
+        # Exact fp32 products spill registers in every tile shape (kernels/report.py).
+        return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
+    return None
+
+
 def _attention_kernel_blocker(
     inputs: list[torch.Tensor], head_dim: int, scale: float | None
 ) -> str | None:
     """Why the attention kernel cannot take valid arguments like these (None if it can)."""
-    if head_dim not in _ATTENTION_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of {_ATTENTION_HEAD_DIMS}"
-    if inputs[0].dtype == torch.float32 and inputs[0].is_cuda:
-        # Exact fp32 products spill registers in every tile shape (kernels/report.py).
-        return "float32 attention on CUDA runs PyTorch's SDPA; use float16 or bfloat16"
+    blocker = _attention_model_blocker(inputs[0].device, inputs[0].dtype, head_dim)
+    if blocker is not None:
+        return blocker
     if scale is not None and not 0 < scale < math.inf:
         return f"scale {scale} is not positive and finite"
     if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in inputs):
