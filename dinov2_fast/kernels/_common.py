@@ -62,7 +62,7 @@ class KernelSpec:
 
     signature maps every runtime argument name to its Triton type ("*fp16", "i32", "fp32", ...);
     constexprs maps every constexpr argument name to its value; extra["attrs"], when present,
-    is passed as ``ASTSource(..., attrs=...)`` (see ``divisibility_attrs``).
+    is passed as ``ASTSource(..., attrs=...)`` (see ``jit_specialization``).
     """
 
     name: str
@@ -169,15 +169,6 @@ def nearest_arch(supported: Any, arch: int) -> int:
     """The newest architecture in ``supported`` not newer than ``arch`` (else the oldest)."""
     older = [a for a in supported if a <= arch]
     return max(older) if older else min(supported)
-
-
-def divisibility_attrs(fn: Any, arg_names: Any) -> dict[tuple[int], list[list]]:
-    """ASTSource attrs declaring ``arg_names`` of ``fn`` divisible by 16.
-
-    The JIT specializes 16-byte-aligned pointers and multiple-of-16 integers on its own;
-    an ahead-of-time compile must say so, or it checks unvectorized code the runtime never runs.
-    """
-    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in arg_names}
 
 
 def _prune_wide_column_tiles(configs: list, named_args: dict, **kwargs: Any) -> list:
