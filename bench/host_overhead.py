@@ -59,17 +59,18 @@ def median_us(
     forwards: dict[str, Callable[[], object]], iters: int, repeats: int
 ) -> dict[str, float]:
     """Per forward, the median over ``repeats`` rounds of the mean time of ``iters`` calls,
-    in microseconds. Rounds interleave the forwards, so a noisy machine slows all alike."""
+    in microseconds of this thread's CPU time (time spent descheduled on a loaded machine is
+    not host cost). Rounds interleave the forwards, so cache effects hit all alike."""
     for forward in forwards.values():
         for _ in range(max(iters // 10, 3)):
             forward()
     samples: dict[str, list[float]] = {name: [] for name in forwards}
     for _ in range(repeats):
         for name, forward in forwards.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(iters):
                 forward()
-            samples[name].append((time.perf_counter() - start) / iters * 1e6)
+            samples[name].append((time.thread_time() - start) / iters * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    # Stubbed launches leave their outputs unwritten, and that garbage is often denormal
+    # floats, on which a CPU GEMM runs 10x slower: an artifact no GPU run has.
+    torch.set_flush_denormal(True)
     forwards = build(args.layers)
     with stubbed_launches() as launches:
         forwards["dinov2_fast fused (launches stubbed)"]()

@@ -423,13 +423,16 @@ class _BlockParts:
         )
         self.ffn_in_weight, self.ffn_in_bias = ffn_in.weight, ffn_in.bias
         self.ffn_out_weight, self.ffn_out_bias = ffn_out.weight, ffn_out.bias
-        # (owner's parameter dict, name, parameter): the parts are current while every entry
-        # still holds the same object (functional_call and accelerate swap them in place).
-        self.sources = [
-            (module._parameters, name, module._parameters[name])
-            for module in layer.modules()
-            for name in module._parameters
+        # The parts are current while every (owner's parameter dict, name) still holds the
+        # same object (functional_call and accelerate swap them in place); the ids are
+        # those of live objects held here, so they cannot be reused while compared.
+        slots = [
+            (module._parameters, name) for module in layer.modules() for name in module._parameters
         ]
+        self._owners = [owner for owner, _ in slots]
+        self._names = [name for _, name in slots]
+        self._held = [owner[name] for owner, name in slots]
+        self._ids = list(map(id, self._held))
         projections = (attention.query, attention.key, attention.value)
         self._qkv_params = [p.weight for p in projections]
         if attention.query.bias is not None:
@@ -449,6 +452,10 @@ class _BlockParts:
             self._qkv_addresses = tuple(p.data_ptr() for p in self._qkv_params)
         return F.linear(normed, self._qkv_weight, self._qkv_bias)
 
+    def current(self) -> bool:
+        """Whether every parameter slot still holds the object these parts read."""
+        return list(map(id, map(dict.get, self._owners, self._names))) == self._ids
+
     def _qkv_tail(self) -> list[torch.Tensor | None]:
         return self._qkv_params[3:] if len(self._qkv_params) == 6 else [None, None, None]
 
@@ -458,7 +465,7 @@ def _block_parts(layer: nn.Module) -> _BlockParts:
     if (
         cached is None
         or cached[0] != _registrations[0]
-        or any(owner.get(name) is not p for owner, name, p in cached[1].sources)
+        or not cached[1].current()
     ):
         cached = (_registrations[0], _BlockParts(layer))
         layer.__dict__["_dinov2_fast_parts"] = cached

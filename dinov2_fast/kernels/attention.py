@@ -484,18 +484,57 @@ def _prepare(
     return _Launch(args, flags, programs, max_seqlen)
 
 
-def _run(launch: _Launch, device: torch.device, config: AttentionConfig | None) -> None:
-    record_launch("attention")
+def _launcher(
+    launch: _Launch, device: torch.device, config: AttentionConfig | None
+) -> Callable[..., Any]:
+    """The kernel call of ``launch``, its grid and constexprs bound: call it on the args."""
     if config is None and _INTERPRETED:
         config = _INTERPRETER_CONFIG
     if config is not None:
         grid = (launch.programs, cdiv(launch.max_seqlen, config.block_m))
-        _attention_fwd_kernel[grid](*launch.args, **launch.constexprs, **config._launch_options)
-        return
+        return functools.partial(
+            _attention_fwd_kernel[grid], **launch.constexprs, **config._launch_options
+        )
     programs, max_seqlen = launch.programs, launch.max_seqlen
     kernel = _tuned_kernel(_arch(device), _config_width(launch.constexprs["HEAD_DIM"]))
-    kernel[lambda meta: (programs, cdiv(max_seqlen, meta["BLOCK_M"]))](
-        *launch.args, **launch.constexprs
+    return functools.partial(
+        kernel[lambda meta: (programs, cdiv(max_seqlen, meta["BLOCK_M"]))], **launch.constexprs
+    )
+
+
+def _run(launch: _Launch, device: torch.device, config: AttentionConfig | None) -> None:
+    record_launch("attention")
+    _launcher(launch, device, config)(*launch.args)
+
+
+class _DenseLaunch(NamedTuple):
+    """A batched packed-qkv call without head_scale, out or lse, prepared once per layout:
+    the fused forward's case. Every argument but the tensors is fixed by the layout."""
+
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, int, int]
+    tail: tuple  # the arguments after (q, k, v, out, lse)
+    launch: Callable[..., Any] | None  # None: nothing to compute (an empty tensor)
+
+
+def _dense_launch(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None,
+    max_seqlen: int | None,
+    config: AttentionConfig | None,
+) -> _DenseLaunch:
+    head_dim, scale, _ = _check_packed(qkv, num_heads, scale, None, None, max_seqlen)
+    batch, tokens = qkv.shape[0], qkv.shape[1]
+    out = torch.empty((batch, tokens, num_heads * head_dim), dtype=qkv.dtype, device="meta")
+    lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device="meta")
+    launch = _packed_launch(qkv, num_heads, head_dim, scale, None, None, tokens, out, lse)
+    runnable = out.numel() and tokens
+    return _DenseLaunch(
+        tuple(out.shape),
+        tuple(lse.shape),
+        launch.args[5:],
+        _launcher(launch, qkv.device, config) if runnable else None,
     )
 
 
@@ -662,15 +701,20 @@ def flash_attention(
     interpreter). ``bounds``, cu_seqlens' values as host integers where the caller built it
     from them, are validated instead of reading the device (no host sync).
     """
-    if head_scale is None and cu_seqlens is None:
+    if head_scale is None and cu_seqlens is None and out is None and lse is None:
         layout = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, num_heads, scale, max_seqlen)
-        head_dim, scale, bounds = _checked_once(
-            ("packed", *layout), _check_packed, qkv, num_heads, scale, None, None, max_seqlen
+        dense = _checked_once(
+            ("packed", *layout, config), _dense_launch, qkv, num_heads, scale, max_seqlen, config
         )
-    else:
-        head_dim, scale, bounds = _check_packed(
-            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen, bounds
-        )
+        out = torch.empty(dense.out_shape, dtype=qkv.dtype, device=qkv.device)
+        lse = torch.empty(dense.lse_shape, dtype=torch.float32, device=qkv.device)
+        if dense.launch is not None:
+            record_launch("attention")
+            dense.launch(qkv, qkv, qkv, out, lse, *dense.tail)
+        return out, lse
+    head_dim, scale, bounds = _check_packed(
+        qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen, bounds
+    )
     tokens = qkv.shape[-2]
     if cu_seqlens is None:
         max_seqlen = tokens
