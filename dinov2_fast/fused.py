@@ -462,11 +462,7 @@ class _BlockParts:
 
 def _block_parts(layer: nn.Module) -> _BlockParts:
     cached = layer.__dict__.get("_dinov2_fast_parts")
-    if (
-        cached is None
-        or cached[0] != _registrations[0]
-        or not cached[1].current()
-    ):
+    if cached is None or cached[0] != _registrations[0] or not cached[1].current():
         cached = (_registrations[0], _BlockParts(layer))
         layer.__dict__["_dinov2_fast_parts"] = cached
     return cached[1]
