@@ -221,10 +221,12 @@ def _sdpa_attention(backend: str | None) -> Callable[..., torch.Tensor]:
 
 def _triton_attention(config_name: str, compiling: bool) -> Callable[..., torch.Tensor]:
     if compiling:
-        # The custom op autotunes over the same configs; it takes no config argument.
+        # The custom op takes the config by name ("": the autotuner's choice).
         def traced(qkv, num_heads, *, scale=None, head_scale=None, cu_seqlens=None,
                    max_seqlen=None, bounds=None):  # fmt: skip
-            return ops._attention_op(qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen)
+            return ops._attention_op(
+                qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen, config_name
+            )
 
         return traced
     from .kernels import attention
@@ -560,7 +562,8 @@ def executor_for(
         )  # fmt: skip
         chosen = record.plan
         if packing is not None:
-            chosen = _packed_plan(chosen, hidden_states, layers)
+            head_dim = layers[0].attention.attention.attention_head_size
+            chosen = _packed_plan(chosen, hidden_states.device, hidden_states.dtype, head_dim)
         run = _executor(chosen, ffn_kind(config), False)
         if record.reason != _NOT_TUNED or hidden_states.device.type != "cuda":
             # An untuned default on CUDA (a capture's first use) is tuned by a later forward.
@@ -568,13 +571,14 @@ def executor_for(
     return run
 
 
-def _packed_plan(chosen: plan.Plan, hidden_states: torch.Tensor, layers: Any) -> plan.Plan:
+def _packed_plan(
+    chosen: plan.Plan, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> plan.Plan:
     """SDPA takes one image at a time in a packed batch (a Python loop): the attention
     kernel serves it wherever it can run."""
-    head_dim = layers[0].attention.attention.attention_head_size
-    blocker = ops._attention_model_blocker(hidden_states.device, hidden_states.dtype, head_dim)
-    if chosen.attention.startswith("sdpa") and blocker is None:
-        return chosen.replace(attention="triton")
+    if chosen.attention.startswith("sdpa"):
+        if ops._attention_model_blocker(device, dtype, head_dim) is None:
+            return chosen.replace(attention="triton")
     return chosen
 
 
@@ -595,14 +599,14 @@ def _traced_executor_key_impl(
     packed: bool,
 ) -> str:
     # The batch and token counts are not arguments: dynamo makes them symbolic on a second
-    # shape, and a constant function cannot take a symbol. A trace therefore runs every site
-    # on its kernel (or as set_plan / DINOV2_FAST_PLAN force), whatever the shape.
+    # shape, a constant function cannot take a symbol, and traced code cannot tell a symbol
+    # from an int. A trace therefore runs every site on its kernel (or as set_plan /
+    # DINOV2_FAST_PLAN force, attention configs included), whatever the shape.
     sites = plan.forced_sites(forced or None)
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype.removeprefix("torch."))
     chosen = _fused_default(torch_device, torch_dtype, head_dim, sites, backend)
-    if packed and chosen.attention.startswith("sdpa"):
-        if ops._attention_model_blocker(torch_device, torch_dtype, head_dim) is None:
-            chosen = chosen.replace(attention="triton")
+    if packed:
+        chosen = _packed_plan(chosen, torch_device, torch_dtype, head_dim)
     text = f"{chosen}|{kind}"
     if text not in _TRACED_EXECUTORS:
         _TRACED_EXECUTORS[text] = _Executor(chosen, kind, compiling=True)

@@ -201,13 +201,16 @@ def _attention_op(
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
+    config: str = "",
 ) -> torch.Tensor:
+    """``config``: an ``AttentionConfig`` name a plan chose, or "" for the autotuner."""
     from .kernels import attention
 
     with _on_device_of(qkv):
         out, _lse = attention.flash_attention(
-            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen
-        )
+            qkv, num_heads, scale, head_scale, cu_seqlens, max_seqlen,
+            config=attention.AttentionConfig.from_name(config) if config else None,
+        )  # fmt: skip
     return out
 
 
@@ -219,6 +222,7 @@ def _(
     head_scale: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
+    config: str = "",
 ) -> torch.Tensor:
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
 

@@ -323,3 +323,24 @@ def test_a_head_is_tuned_through_its_base_model():
     ).eval()
     record = dinov2_fast.tune(head, _pixels(), timer=FakeTimer({"norm=triton": 0.1}))
     assert record.plan.norm == "triton"
+
+
+@torch.no_grad()
+def test_a_compiled_forward_launches_the_attention_config_of_its_plan(monkeypatch):
+    from dinov2_fast.kernels import attention
+
+    name = attention.candidate_configs(0, 64)[-1].name
+    configs = []
+    launch = attention.flash_attention
+
+    def recording(*args, config=None, **kwargs):
+        configs.append(config)
+        return launch(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attention", recording)
+    model = _model().set_backend("triton").set_plan(f"attention=triton:{name}")
+    expected = model(_pixels())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(_pixels())
+    assert configs == [attention.AttentionConfig.from_name(name)] * (2 * LAYERS)
+    assert out.last_hidden_state.shape == expected.last_hidden_state.shape
