@@ -7,7 +7,9 @@ JPEGs, 12-megapixel JPEGs and PNGs: transformers' ``load_image`` + ``BitImagePro
 core (images/s per core), and ours with a decoding process per core as ``embed`` runs it
 (transformers has no such mode; its column stays the one-process figure). Then how far
 ``fast`` is from ``exact``: the largest difference in normalised units and the feature
-cosine on a dinov2-small-shaped random-weight model.
+cosine on a dinov2-small-shaped random-weight model. ``--differences`` prints only those, for
+``fast`` and for ``gpu``'s device half run on the CPU (torch's resize, with Pillow's decode
+standing in for nvjpeg: the decode itself is not measured).
 
 The images are drawn (smooth colour fields with noise, which JPEG codes like photos) and
 cached under ``--dir``. Results and the machine they ran on are in bench/README.md.
@@ -27,6 +29,7 @@ from PIL import Image
 
 from dinov2_fast._resolve import random_model
 from dinov2_fast.embedding.engine import crop_batches
+from dinov2_fast.embedding.gpu_decode import decoded_batches, pillow_decode
 from dinov2_fast.embedding.preprocess import crop_pixels, load_image, normalize
 
 _CASES = {
@@ -109,16 +112,41 @@ def _pipeline_rate(paths: list[Path], decode: str, workers: int, expected: float
     return done / (time.perf_counter() - started)
 
 
-def _difference(paths: list[Path]) -> tuple[float, float]:
-    """Largest |fast - exact| in normalised units, and the lowest feature cosine."""
+def _gpu_on_cpu(paths: list[Path]) -> torch.Tensor:
+    """``--decode gpu``'s model inputs computed on the CPU, Pillow decoding for nvjpeg."""
+    items = [str(p) for p in paths]
+    batches = crop_batches(
+        items, np.arange(len(items)), crop_size=224, decode="gpu", batch_size=len(items), workers=0
+    )
+    ((_, pixels, _, _),) = decoded_batches(batches, 224, torch.device("cpu"), pillow_decode)
+    return normalize(pixels)
+
+
+def _difference(paths: list[Path], decode: str = "fast") -> tuple[float, float]:
+    """Largest |decode - exact| in normalised units, and the lowest feature cosine."""
     model = random_model("small")
     exact = torch.stack([_ours("exact")(p) for p in paths])
-    fast = torch.stack([_ours("fast")(p) for p in paths])
+    if decode == "gpu":
+        other = _gpu_on_cpu(paths)
+    else:
+        other = torch.stack([_ours(decode)(p) for p in paths])
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(
-            model(pixel_values=exact).pooler_output, model(pixel_values=fast).pooler_output
+            model(pixel_values=exact).pooler_output, model(pixel_values=other).pooler_output
         )
-    return (fast - exact).abs().max().item(), cosine.min().item()
+    return (other - exact).abs().max().item(), cosine.min().item()
+
+
+def _differences(folder: Path) -> None:
+    print("| images | fast vs exact | gpu vs exact, resize on the CPU |")
+    print("|---|---|---|")
+    for name in _CASES:
+        paths = _images(folder, name)
+        cells = []
+        for decode in ("fast", "gpu"):
+            diff, cosine = _difference(paths, decode)
+            cells.append(f"{diff:.3f}, {1 - cosine:.1e}")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
 
 
 def _end_to_end(folder: Path, workers: int) -> None:
@@ -180,6 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("out/bench-inputs"))
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument(
+        "--differences", action="store_true", help="only the differences from exact, no timing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -187,6 +218,9 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {cores} cores, "
         f"torch {torch.__version__}, Pillow {Image.__version__}"
     )
+    if args.differences:
+        _differences(args.dir)
+        return
     print(
         "| images | transformers (1 core) | exact (1 core) | fast (1 core) "
         f"| exact ({cores} workers) | fast ({cores} workers) "
