@@ -19,7 +19,7 @@ import dinov2_fast
 from dinov2_fast._resolve import UserError
 from dinov2_fast.embedding import gpu_decode
 from dinov2_fast.embedding.engine import crop_batches
-from dinov2_fast.embedding.preprocess import check_decode, crop_pixels, load_image
+from dinov2_fast.embedding.preprocess import check_decode, crop_pixels, load_image, normalize
 from tests._models import hf_model
 
 _CROP = 56
@@ -183,7 +183,7 @@ def test_decode_gpu_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
     out = tmp_path / "f.npy"
     # The model does not exist: the decode's refusal comes first.
     status = main(
-        ["embed", str(tmp_path), "--model", "missing", "--out", str(out)] + ["--decode", "gpu"]
+        ["embed", str(tmp_path), "--model", "missing", "--out", str(out), "--decode", "gpu"]
     )
     assert status == 2 and "no CUDA device" in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".partial").exists()
@@ -221,8 +221,6 @@ def test_nvjpeg_path_stays_within_the_documented_bound(tmp_path):
     difference = (pixels.cpu().int() - exact.int()).abs().float()
     # docs/cli.md: a mean difference of at most 2 levels per image, 1 - cosine at most 1e-3.
     assert difference.mean(dim=(1, 2, 3)).max() <= 2, difference.mean(dim=(1, 2, 3))
-    from dinov2_fast.embedding.preprocess import normalize
-
     model = hf_model(image_size=224).to(device)
     with torch.inference_mode():
         ours = model(pixel_values=normalize(pixels)).pooler_output
