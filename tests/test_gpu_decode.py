@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dinov2_fast._resolve import UserError
 from dinov2_fast.embedding import gpu_decode
 from dinov2_fast.embedding.engine import crop_batches
 from dinov2_fast.embedding.preprocess import check_decode, crop_pixels, load_image, normalize
+from dinov2_fast.embedding.sources import read_input
 from tests._models import hf_model
 
 _CROP = 56
@@ -35,13 +37,13 @@ def _photo(seed: int, height: int, width: int) -> Image.Image:
 
 
 def _exact(path: Path, crop_size: int = _CROP) -> np.ndarray:
-    return crop_pixels(load_image(path), crop_size)
+    return crop_pixels(load_image(io.BytesIO(read_input(path))), crop_size)
 
 
 @pytest.fixture()
 def inputs(tmp_path: Path) -> list[Path]:
     """JPEG, PNG, EXIF-rotated JPEG, not an image, greyscale, cut-off JPEG, CMYK JPEG,
-    progressive JPEG (which the stand-in decoder refuses)."""
+    progressive JPEG (which the stand-in decoder refuses), a JPEG member of a tar shard."""
     paths = [tmp_path / name for name in ("a.jpg", "b.png", "c.jpg", "d.jpg")]
     paths += [tmp_path / name for name in ("e.jpg", "f.jpg", "g.jpg", "h.jpg")]
     _photo(0, 90, 120).save(paths[0], quality=90)
@@ -56,7 +58,10 @@ def inputs(tmp_path: Path) -> list[Path]:
     paths[5].write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     _photo(6, 64, 96).convert("CMYK").save(paths[6], quality=90)
     _photo(7, 96, 64).save(paths[7], quality=90, progressive=True)
-    return paths
+    _photo(8, 72, 72).save(tmp_path / "i.jpg", quality=90)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(tmp_path / "i.jpg", arcname="i.jpg")
+    return [*paths, tmp_path / "shard.tar::i.jpg"]
 
 
 class _StandIn:
@@ -101,20 +106,20 @@ def test_gpu_batches_keep_row_order_and_fall_back_to_exact(inputs):
     stand_in = _StandIn()
     # One decoding process: the undecoded JPEGs cross a process boundary as they do in a run.
     rows, crops, failed = _run(inputs, stand_in, workers=1)
-    assert rows == [0, 1, 2, 4, 6, 7]
+    assert rows == [0, 1, 2, 4, 6, 7, 8]
     assert sorted(failed) == [3, 5]
     assert failed[3].startswith("cannot identify the image format")
     assert "truncated" in failed[5]
     by_row = dict(zip(rows, crops, strict=True))
     # Through the device half: within a level of exact, EXIF rotation included.
-    for row in (0, 2, 4):
+    for row in (0, 2, 4, 8):
         difference = np.abs(by_row[row].astype(int) - _exact(inputs[row]))
         assert difference.max() <= 1, row
     # PNG, CMYK and the refused progressive JPEG took the exact path: exact to the bit.
     for row in (1, 6, 7):
         np.testing.assert_array_equal(by_row[row], _exact(inputs[row]))
     # Only JPEGs went to the decoder; the progressive one made it retry one at a time.
-    jpegs = {inputs[i].read_bytes() for i in (0, 2, 4, 5, 7)}
+    jpegs = {read_input(inputs[i]) for i in (0, 2, 4, 5, 7, 8)}
     assert set(stand_in.seen) == jpegs and len(stand_in.seen) > len(jpegs)
 
 
