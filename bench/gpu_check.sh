@@ -25,7 +25,7 @@
 #   BENCH_COMMIT    commit of the copied tree, recorded in the results (no .git there)
 #   XFORMERS_WHEEL  a carried xformers wheel (default: build/wheels/xformers-*.whl if any)
 #   STAGES          stages to run after `info`, which always runs
-#                   (default: plans tests models mixed compile kernels)
+#                   (default: plans tests models mixed compile kernels decode)
 #   SEED_RESULTS    a results file (in the tree) that this run adds its rows to; used only
 #                   when its "gpu" is this card
 #   TOTAL_BUDGET_S  wall-clock budget of the whole script, report included (default 420)
@@ -43,7 +43,7 @@ export OUT=${OUT:?set OUT to the output folder}
 export PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-plans tests models mixed compile kernels}
+STAGES=${STAGES:-plans tests models mixed compile kernels decode}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-420}
 REPORT_RESERVE_S=25
 # Results are rewritten in place after every row; everything else goes to a scratch folder
@@ -187,6 +187,8 @@ run_stage mixed 40 "$PYTHON" -m bench.mixed_resolution --out "${RESULTS%.json}-m
 run_stage compile 60 bash -c "bench_pytest compile test_model_bench.py check -k hf-compile"
 run_stage kernels 40 bash -c "bench_pytest kernels test_kernel_bench.py check"
 run_stage extra 60 bash -c "bench_pytest extra test_model_bench.py extra"
+# Last, in what time is left: --decode exact against gpu (nvjpeg); says why where it cannot run.
+run_stage decode 40 "$PYTHON" -m bench.input_pipeline --device cuda --dir "$WORK/bench-inputs"
 
 echo "=== report ==="
 if [[ -f "$RESULTS" ]]; then

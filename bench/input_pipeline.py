@@ -7,7 +7,12 @@ JPEGs, 12-megapixel JPEGs and PNGs: transformers' ``load_image`` + ``BitImagePro
 core (images/s per core), and ours with a decoding process per core as ``embed`` runs it
 (transformers has no such mode; its column stays the one-process figure). Then how far
 ``fast`` is from ``exact``: the largest difference in normalised units and the feature
-cosine on a dinov2-small-shaped random-weight model.
+cosine on a dinov2-small-shaped random-weight model. ``--differences`` prints only those, for
+``fast`` and for ``gpu``'s device half run on the CPU (torch's resize, with Pillow's decode
+standing in for nvjpeg: the decode itself is not measured). ``--device cuda`` (the GPU
+check) times ``exact`` against ``gpu`` with nvjpeg, from files to normalised batches on the
+GPU, and measures the real ``gpu`` pipeline's difference; it prints why it is skipped where
+``--decode gpu`` cannot run.
 
 The images are drawn (smooth colour fields with noise, which JPEG codes like photos) and
 cached under ``--dir``. Results and the machine they ran on are in bench/README.md.
@@ -27,6 +32,7 @@ from PIL import Image
 
 from dinov2_fast._resolve import random_model
 from dinov2_fast.embedding.engine import crop_batches
+from dinov2_fast.embedding.gpu_decode import decoded_batches, nvjpeg_decode, pillow_decode
 from dinov2_fast.embedding.preprocess import crop_pixels, load_image, normalize
 
 _CASES = {
@@ -109,16 +115,101 @@ def _pipeline_rate(paths: list[Path], decode: str, workers: int, expected: float
     return done / (time.perf_counter() - started)
 
 
-def _difference(paths: list[Path]) -> tuple[float, float]:
-    """Largest |fast - exact| in normalised units, and the lowest feature cosine."""
+def _gpu_inputs(paths: list[Path], device: torch.device) -> torch.Tensor:
+    """``--decode gpu``'s model inputs, brought to the CPU: nvjpeg on a GPU, Pillow decoding
+    in its place on the CPU."""
+    items = [str(p) for p in paths]
+    batches = crop_batches(
+        items, np.arange(len(items)), crop_size=224, decode="gpu", batch_size=len(items), workers=0
+    )
+    decode = pillow_decode if device.type == "cpu" else nvjpeg_decode
+    ((_, pixels, _, _),) = decoded_batches(batches, 224, device, decode)
+    return normalize(pixels).cpu()
+
+
+def _difference(
+    paths: list[Path], decode: str = "fast", device: torch.device | None = None
+) -> tuple[float, float]:
+    """Largest |decode - exact| in normalised units, and the lowest feature cosine."""
     model = random_model("small")
     exact = torch.stack([_ours("exact")(p) for p in paths])
-    fast = torch.stack([_ours("fast")(p) for p in paths])
+    if decode == "gpu":
+        other = _gpu_inputs(paths, device or torch.device("cpu"))
+    else:
+        other = torch.stack([_ours(decode)(p) for p in paths])
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(
-            model(pixel_values=exact).pooler_output, model(pixel_values=fast).pooler_output
+            model(pixel_values=exact).pooler_output, model(pixel_values=other).pooler_output
         )
-    return (fast - exact).abs().max().item(), cosine.min().item()
+    return (other - exact).abs().max().item(), cosine.min().item()
+
+
+def _differences(folder: Path) -> None:
+    print("| images | fast vs exact | gpu vs exact, resize on the CPU |")
+    print("|---|---|---|")
+    for name in _CASES:
+        paths = _images(folder, name)
+        cells = []
+        for decode in ("fast", "gpu"):
+            diff, cosine = _difference(paths, decode)
+            cells.append(f"{diff:.3f}, {1 - cosine:.1e}")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
+def _device_rate(paths: list[Path], decode: str, workers: int, device: torch.device) -> float:
+    """Images/s from files to normalised batches of 8 on ``device``, after the first batch:
+    four batches per decoding process."""
+    count = 4 * 8 * workers
+    items = [str(paths[i % len(paths)]) for i in range(count)]
+    batches = crop_batches(
+        items,
+        np.arange(count),
+        crop_size=224,
+        decode=decode,
+        batch_size=8,
+        workers=workers,
+        pin_memory=True,
+    )
+    if decode == "gpu":
+        batches = decoded_batches(batches, 224, device)
+    _, pixels, _, _ = next(batches)
+    normalize(pixels.to(device, non_blocking=True))
+    torch.cuda.synchronize(device)
+    done, started = 0, time.perf_counter()
+    for _, pixels, _, _ in batches:
+        normalize(pixels.to(device, non_blocking=True))
+        done += len(pixels)
+    torch.cuda.synchronize(device)
+    return done / (time.perf_counter() - started)
+
+
+def _on_device(folder: Path) -> None:
+    """``--device cuda``: exact against gpu (nvjpeg) on the JPEGs, or why gpu cannot run."""
+    from dinov2_fast._resolve import UserError
+    from dinov2_fast.embedding.preprocess import check_decode
+    from dinov2_fast.embedding.runner import default_workers
+
+    try:
+        check_decode("gpu", "cuda")
+    except UserError as err:
+        print(f"--decode gpu skipped: {err}")
+        return
+    device = torch.device("cuda")
+    workers = default_workers(device)
+    print(
+        f"| images | exact ({workers} workers) | gpu ({workers} workers) "
+        "| gpu vs exact: max diff, 1 - min cosine |"
+    )
+    print("|---|---|---|---|")
+    for name in ("VGA JPEG", "12 MP JPEG"):
+        paths = _images(folder, name)
+        exact, gpu = (_device_rate(paths, decode, workers, device) for decode in ("exact", "gpu"))
+        diff, cosine = _difference(paths[:6], "gpu", device)
+        print(
+            f"| {name} | {exact:.1f}/s | {gpu:.1f}/s ({gpu / exact:.2f}x) "
+            f"| {diff:.3f}, {1 - cosine:.1e} |",
+            flush=True,
+        )
 
 
 def _end_to_end(folder: Path, workers: int) -> None:
@@ -180,6 +271,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("out/bench-inputs"))
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument(
+        "--differences", action="store_true", help="only the differences from exact, no timing"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: exact against --decode gpu on the GPU, instead of the CPU table",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -187,6 +287,12 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {cores} cores, "
         f"torch {torch.__version__}, Pillow {Image.__version__}"
     )
+    if args.differences:
+        _differences(args.dir)
+        return
+    if args.device == "cuda":
+        _on_device(args.dir)
+        return
     print(
         "| images | transformers (1 core) | exact (1 core) | fast (1 core) "
         f"| exact ({cores} workers) | fast ({cores} workers) "

@@ -128,8 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=DECODES,
         default="exact",
         help="exact: transformers' pixels (default); fast: JPEGs decoded at a reduced scale "
-        "first (a different pipeline, see docs/cli.md); gpu: JPEGs decoded by nvjpeg "
-        "(needs torchvision)",
+        "first (a different pipeline, see docs/cli.md); gpu: JPEGs decoded and resized on the "
+        "GPU by nvjpeg (needs torchvision; also a different pipeline)",
     )
     embed.add_argument("--batch-size", type=_positive_int, default=64)
     embed.add_argument(

@@ -62,7 +62,7 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     try:
-        check_decode(decode)
+        check_decode(decode, device if isinstance(model, str) else model.device.type)
         if isinstance(model, str):
             torch_device = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, torch_device)

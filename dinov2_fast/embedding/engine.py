@@ -2,7 +2,8 @@
 
 Both the command line (``runner``) and ``dinov2_fast.embed`` go through ``iter_features``:
 decoding processes turn each item into its uint8 crop, batches of crops cross to the model's
-device (pinned, without blocking), and are normalised and embedded there.
+device (pinned, without blocking), and are normalised and embedded there. With ``--decode
+gpu`` JPEGs cross undecoded and ``gpu_decode`` decodes and resizes them on the device.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .._resolve import first_line
+from .gpu_decode import Batch, DeviceJpeg, decoded_batches, device_jpeg
 from .preprocess import crop_pixels, load_image, normalize, resize_size_for
 from .sources import read_input
 
@@ -72,8 +74,12 @@ def _array_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def _open(item: ImageItem, draft_size: int | None) -> tuple[Image.Image, float]:
-    """The item as a decoded PIL image, and the seconds spent reading its file."""
+def _open(
+    item: ImageItem, draft_size: int | None, jpeg_crop: int | None
+) -> tuple[Image.Image | DeviceJpeg, float]:
+    """The item as a decoded PIL image, and the seconds spent reading its file. With
+    ``jpeg_crop`` (``--decode gpu``, the crop size), a JPEG file comes undecoded, for the
+    device."""
     if isinstance(item, Image.Image):
         return item, 0.0
     if isinstance(item, torch.Tensor):
@@ -83,6 +89,9 @@ def _open(item: ImageItem, draft_size: int | None) -> tuple[Image.Image, float]:
     started = time.perf_counter()
     data = item if isinstance(item, bytes) else read_input(item)
     read = time.perf_counter() - started
+    jpeg = None if jpeg_crop is None else device_jpeg(data, jpeg_crop)
+    if jpeg is not None:
+        return jpeg, read
     return load_image(io.BytesIO(data), draft_size=draft_size), read
 
 
@@ -96,17 +105,23 @@ class _Crops(Dataset):
         self.rows = rows
         self.crop_size = crop_size
         self.draft_size = resize_size_for(crop_size) if decode == "fast" else None
+        self.jpeg_crop = crop_size if decode == "gpu" else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, float, float]:
+    def __getitem__(
+        self, index: int
+    ) -> tuple[int, torch.Tensor | DeviceJpeg | None, str | None, float, float]:
         row = int(self.rows[index])
         pixels, reason, read = None, None, 0.0
         started = time.perf_counter()
         try:
-            image, read = _open(self.items[row], self.draft_size)
-            pixels = torch.from_numpy(crop_pixels(image, self.crop_size))
+            image, read = _open(self.items[row], self.draft_size, self.jpeg_crop)
+            if isinstance(image, DeviceJpeg):
+                pixels = image
+            else:
+                pixels = torch.from_numpy(crop_pixels(image, self.crop_size))
         except UnidentifiedImageError:
             # Its own message names the in-memory buffer the file was read into.
             reason = "cannot identify the image format (not an image Pillow reads)"
@@ -120,7 +135,10 @@ class _Crops(Dataset):
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None, float, float]]):
     read = [(row, pixels) for row, pixels, *_ in items if pixels is not None]
     failed = [(row, reason) for row, pixels, reason, *_ in items if pixels is None]
-    batch = torch.stack([pixels for _, pixels in read]) if read else None
+    batch = [pixels for _, pixels in read]
+    if not any(isinstance(pixels, DeviceJpeg) for pixels in batch):
+        batch = torch.stack(batch) if batch else None
+    # else a list, crops and JPEGs that gpu_decode.decoded_batches decodes on the device.
     seconds = (sum(item[3] for item in items), sum(item[4] for item in items))
     return [row for row, _ in read], batch, failed, seconds
 
@@ -151,10 +169,11 @@ def crop_batches(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]], tuple[float, float]]]:
+) -> Iterator[Batch]:
     """Per batch, from ``workers`` decoding processes (0: this one): the rows read, their uint8
     crops ``(n, 3, S, S)``, the rows that could not be read with the reason, and the
-    seconds spent reading and decoding."""
+    seconds spent reading and decoding. With ``decode`` gpu, a batch with JPEGs holds a list
+    of crops and ``DeviceJpeg``s instead, for ``gpu_decode.decoded_batches``."""
     return iter(
         DataLoader(
             _Crops(items, rows, crop_size, decode),
@@ -190,6 +209,8 @@ def iter_features(
         workers=workers,
         pin_memory=on_gpu,
     )
+    if decode == "gpu":
+        batches = decoded_batches(batches, crop_size, model.device)
     # transformers' plain Dinov2Config has no registers field.
     prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
     with torch.inference_mode():

@@ -46,23 +46,15 @@ _FULL_RESIZE_LIMIT = 4
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def check_decode(decode: str) -> None:
-    """Refuse a decode mode this installation cannot run, saying what would."""
+def check_decode(decode: str, device: str = "auto") -> None:
+    """Refuse a decode mode this installation cannot run on ``device`` (the ``--device``
+    choice or the model's device type), saying what would."""
     if decode not in DECODES:
         raise UserError(f"--decode must be one of {', '.join(DECODES)}, got {decode!r}")
-    if decode != "gpu":
-        return
-    try:
-        import torchvision.io  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "--decode gpu decodes JPEGs with nvjpeg through torchvision, which is not "
-            "installed (install the torchvision built for this torch): use --decode exact or fast"
-        ) from None
-    raise UserError(
-        "--decode gpu is not available in this version (the nvjpeg path has not been "
-        "measured yet): use --decode exact or fast"
-    )
+    if decode == "gpu":
+        from .gpu_decode import check_gpu_decode  # here: gpu_decode imports this module
+
+        check_gpu_decode(device)
 
 
 def resize_size_for(crop_size: int) -> int:
@@ -92,6 +84,14 @@ def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, in
     if width <= height:
         return int(shortest_edge * height / width), shortest_edge
     return shortest_edge, int(shortest_edge * width / height)
+
+
+def _windowed(height: int, width: int, shortest_edge: int) -> bool:
+    """Whether only the crop's pixels of the resize are computed: a small side enlarged
+    to a full resize much larger than the crop and the image."""
+    resized_height, resized_width = _resized_shape(height, width, shortest_edge)
+    limit = _FULL_RESIZE_LIMIT * shortest_edge * shortest_edge
+    return min(height, width) < shortest_edge and resized_height * resized_width > limit
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ def crop_pixels(image: Image.Image, crop_size: int = 224) -> np.ndarray:
     # The resize is never smaller than the crop, so the crop needs no padding.
     top = (height - crop_size) // 2
     left = (width - crop_size) // 2
-    if min(image.size) < resize and height * width > _FULL_RESIZE_LIMIT * resize * resize:
+    if _windowed(image.height, image.width, resize):
         pixels = _resize_crop_window(image, height, width, top, left, crop_size)
     else:
         resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))

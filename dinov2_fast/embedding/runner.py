@@ -479,7 +479,7 @@ def embed_images(
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool}")
     if resume and overwrite:
         raise UserError("--resume keeps the earlier rows and --overwrite drops them: pick one")
-    check_decode(decode)
+    check_decode(decode, device)
     ranks = Ranks.from_env()
     lock = RunLock(out)
     try:
