@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 # Every launcher calls record_launch(name) once per kernel launch, so tests can prove the
 # Triton path ran and no silent fallback to the reference took its place.
 _LAUNCHES: collections.Counter[str] = collections.Counter()
@@ -119,8 +121,6 @@ def output_tensor(
     first launch of each key several times, and an output that is also an input would be
     rewritten from its own result.
     """
-    import torch
-
     if out is None:
         if inputs and inputs[0].shape == shape:
             # empty_like is the cheapest allocation call (host time, not memory).
@@ -148,8 +148,6 @@ def check_vector(name: str, v: Any, length: int) -> None:
 
 def device_arch(device: Any) -> int:
     """Compute capability as an int (sm_90 -> 90); 0 for a non-CUDA (interpreted) device."""
-    import torch
-
     if not isinstance(device, torch.device):
         device = torch.device(device)
     if device.type != "cuda":
@@ -159,8 +157,6 @@ def device_arch(device: Any) -> int:
 
 @functools.cache
 def _cuda_arch(index: int) -> int:
-    import torch
-
     major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
