@@ -4,8 +4,10 @@ Small batches are expected to be launch-bound (a ViT block is a dozen kernels; n
 measured on a GPU). Replaying a captured graph issues the whole forward at once.
 
 Contract of ``cuda_graph(model)``'s callable:
-- one graph per (shape, dtype, device) of ``pixel_values``, captured on first use;
-- inputs are copied into the graph's static input buffer;
+- one graph per (shape, dtype, device) of ``pixel_values``, captured on first use; a list
+  of ``(C, H_i, W_i)`` images (one packed forward, see ``Dinov2Model``) gets one graph per
+  list of sizes;
+- inputs are copied into the graph's static input buffers;
 - outputs are fresh tensors by default (``copy_outputs=True``); with ``copy_outputs=False``
   they are the graph's static buffers, overwritten by the next call of the same shape;
 - the graph reads the parameters where they live, so in-place updates (``.data`` writes
@@ -20,13 +22,14 @@ Contract of ``cuda_graph(model)``'s callable:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops, plan
+from .fused import Packing
 
 __all__ = ["CudaGraphRunner", "cuda_graph"]
 
@@ -85,60 +88,75 @@ class CudaGraphRunner:
         )
         return addresses, backend, forced_plan
 
-    def __call__(self, pixel_values: torch.Tensor) -> Any:
+    def __call__(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> Any:
         if self.model.training:
             raise RuntimeError("cuda_graph replays inference only; call model.eval() first")
         device = next(self.model.parameters()).device
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.device != device:
-            raise ValueError(
-                f"pixel_values must be a tensor on the model's device {device}, got "
-                f"{getattr(pixel_values, 'device', type(pixel_values))}"
-            )
-        key = (tuple(pixel_values.shape), pixel_values.dtype)
+        images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
+        if not images:
+            raise ValueError("pixel_values is an empty list; pass a tensor or (C, H, W) images")
+        for image in images:
+            if not isinstance(image, torch.Tensor) or image.device != device:
+                raise ValueError(
+                    f"pixel_values must be a tensor or a list of tensors on the model's device "
+                    f"{device}, got {getattr(image, 'device', type(image).__name__)}"
+                )
+        # A list's sizes are part of the key: its packed forward is captured per list.
+        key = (
+            isinstance(pixel_values, torch.Tensor),
+            tuple(tuple(image.shape) for image in images),
+            tuple(image.dtype for image in images),
+        )
         entry = self._graphs.get(key)
         if entry is None or entry[0] != self._stamp():
             entry = self._capture(pixel_values)
             self._graphs[key] = entry
-        _, graph, static_input, static_output = entry
+        _, graph, static_input, static_output, _ = entry
         with torch.cuda.device(device):
-            static_input.copy_(pixel_values)
+            for buffer, image in zip(static_input, images, strict=True):
+                buffer.copy_(image)
             graph.replay()
         if self.copy_outputs:
             return _map_tensors(static_output, torch.Tensor.clone)
         return static_output
 
     @torch.no_grad()
-    def _capture(self, pixel_values: torch.Tensor) -> tuple[Any, ...]:
-        with torch.cuda.device(pixel_values.device):
-            static_input = pixel_values.clone()
-            # Warm up on a side stream: kernel compilation, autotuning and weight packing
-            # cannot happen inside a capture.
+    def _capture(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> tuple[Any, ...]:
+        is_list = not isinstance(pixel_values, torch.Tensor)
+        static_input = [image.clone() for image in (pixel_values if is_list else [pixel_values])]
+        model_input = static_input if is_list else static_input[0]
+        with torch.cuda.device(static_input[0].device):
+            # Warm up on a side stream: kernel compilation, autotuning, weight packing and a
+            # list's cu_seqlens (cached per list of sizes) cannot happen inside a capture.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_steps):
-                    self.model(static_input, **self.forward_kwargs)
+                    self.model(model_input, **self.forward_kwargs)
             torch.cuda.current_stream().wait_stream(side)
             # Each graph gets its own memory pool, so one shape's replay never writes into
             # another shape's static outputs.
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_output = self.model(static_input, **self.forward_kwargs)
+                static_output = self.model(model_input, **self.forward_kwargs)
+        # The graph reads a list's cu_seqlens from the packing cache, which may drop it
+        # later: the entry keeps them alive (a few int32 tensors).
+        kept = list(Packing._cu_seqlens.values()) if is_list else []
         # Stamped after the warm-up, which may have re-packed weights (new addresses).
-        return self._stamp(), graph, static_input, static_output
+        return self._stamp(), graph, static_input, static_output, kept
 
 
 def cuda_graph(
     model: nn.Module,
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     copy_outputs: bool = True,
     **forward_kwargs: Any,
 ) -> CudaGraphRunner:
     """A callable replaying ``model``'s forward from CUDA graphs (see the module docstring).
 
-    ``example_input`` captures its shape right away; ``forward_kwargs`` (e.g.
-    ``output_hidden_states=True``) are passed to every call.
+    ``example_input`` (a tensor or a list of images) captures its shape right away;
+    ``forward_kwargs`` (e.g. ``output_hidden_states=True``) are passed to every call.
     """
     runner = CudaGraphRunner(model, copy_outputs=copy_outputs, **forward_kwargs)
     if example_input is not None:

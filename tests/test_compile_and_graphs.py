@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dinov2_fast
+from dinov2_fast import fused
 from dinov2_fast.kernels._common import count_launches
 from tests._models import hf_model, randomize, rel_err
 
@@ -87,3 +88,29 @@ def test_cuda_graph_replay_equals_eager():
     assert rel_err(runner(pixels).last_hidden_state, model(pixels).last_hidden_state) <= 1e-6
     model.embeddings.position_embeddings.data.mul_(0.5)  # in place: replay reads it live
     assert rel_err(runner(pixels).last_hidden_state, model(pixels).last_hidden_state) <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_replays_a_list_of_image_sizes():
+    """A packed list is captured per list of sizes; replay equals the eager packed forward,
+    also after other lists filled the packing cache."""
+    model = _our_model().cuda().half()
+    runner = dinov2_fast.cuda_graph(model)
+    sizes = [(56, 70), (42, 56), (56, 56)]
+
+    def images():
+        return [torch.randn(3, h, w, device="cuda", dtype=torch.half) for h, w in sizes]
+
+    first = images()
+    replayed, eager = runner(first), model(first)
+    for got, expected in zip(replayed.last_hidden_state, eager.last_hidden_state, strict=True):
+        assert rel_err(got, expected) <= 1e-6
+    for extra in range(300):  # more lists than the cu_seqlens cache holds
+        fused.Packing([1 + extra, 2], torch.device("cuda"))
+    second = images()
+    replayed, eager = runner(second), model(second)
+    for got, expected in zip(replayed.last_hidden_state, eager.last_hidden_state, strict=True):
+        assert rel_err(got, expected) <= 1e-6
+    assert len(runner._graphs) == 1
