@@ -5,11 +5,11 @@ decoding processes turn each item into its uint8 crop, batches of crops cross to
 device (pinned, without blocking), and are normalised and embedded there.
 
 With ``crop="none"`` each image keeps its own size, known only once decoded, so batches are
-formed in this process (``_packed_batches``): the decoded images of a window of several
-batches' worth are sorted by size and cut into batches by the token budget (``max_tokens``)
-and the image cap (``batch_size``); a batch of one size runs as a tensor, a mixed one as a
-list (the model's packed path). The window bounds the memory held; the decoding processes
-keep decoding while a window's batches run.
+formed in this process (``_packed_batches``): decoded images gather in a window of several
+batches' worth, sorted by size, from which batches are cut by the token budget
+(``max_tokens``) and the image cap (``batch_size``) one at a time as the decoding processes
+refill it; a batch of one size runs as a tensor, a mixed one as a list (the model's packed
+path). The window bounds the memory held.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ DEFAULT_BATCH_SIZE = 64
 # A --crop none window holds this many batches' worth of decoded images before it is sorted
 # by size and cut: enough for same-size images to meet, few enough to bound the memory.
 _WINDOW_BATCHES = 8
-# Decoded images a decoding process hands over at once under --crop none.
-_FETCH = 4
+# Decoded images a decoding process hands over at once under --crop none; with the
+# DataLoader's prefetch of two such lists per process, the decoding runs ahead of the model by
+# about as many images as a --crop center run's two batches of 64 per process.
+_FETCH = 64
 
 
 @dataclass
@@ -256,8 +258,9 @@ def _packed_batches(
     tensor when they share a size, else a list), the failures and seconds since the last.
 
     A batch holds at most ``uncropped.max_tokens`` tokens and ``max_images`` images. Decoded
-    images gather in a window of ``_WINDOW_BATCHES`` batches' worth, sorted by size and cut;
-    the last, unfilled batch of a window waits for the next one's images.
+    images gather in a window of ``_WINDOW_BATCHES`` batches' worth; while it is full, it is
+    sorted by size and its first batch cut off and yielded, so the batches of the run are
+    mostly of one size, and the window bounds the images held.
     """
     loader = DataLoader(
         _Crops(items, rows, crop_size, decode, uncropped),
@@ -269,26 +272,33 @@ def _packed_batches(
     patch, prefix, budget = uncropped.patch_size, uncropped.prefix_tokens, uncropped.max_tokens
     window_tokens = None if budget is None else _WINDOW_BATCHES * budget
     window_images = None if max_images is None else _WINDOW_BATCHES * max_images
-    pending: list[tuple[int, torch.Tensor]] = []  # (row, pixels)
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (tokens, row, pixels)
     failed: list[tuple[int, str]] = []
     seconds = [0.0, 0.0]
 
-    def cut(final: bool):
+    def window_full() -> bool:
+        tokens = sum(item[0] for item in pending)
+        return (window_tokens is not None and tokens >= window_tokens) or (
+            window_images is not None and len(pending) >= window_images
+        )
+
+    def take(final: bool):
+        """The window's first batch once sorted by size (all of them if ``final``)."""
         nonlocal pending, failed, seconds
-        pending.sort(key=lambda item: tuple(item[1].shape[1:]))
-        tokens = [image_tokens(*pixels.shape[1:], patch, prefix) for _, pixels in pending]
-        batches = [[pending[i] for i in batch] for batch in cut_batches(tokens, budget, max_images)]
-        pending = [] if final or not batches else batches.pop()
-        if failed and not batches:
+        pending.sort(key=lambda item: tuple(item[2].shape[1:]))
+        cuts = cut_batches([tokens for tokens, _, _ in pending], budget, max_images)
+        batches = [[pending[i] for i in batch] for batch in cuts]
+        if not final:
+            batches, pending = batches[:1], [item for batch in batches[1:] for item in batch]
+        elif not batches and failed:
             batches = [[]]
         for batch in batches:
-            images = [pixels for _, pixels in batch]
+            images = [pixels for _, _, pixels in batch]
             same = len({image.shape for image in images}) == 1
             stacked = torch.stack(images) if same else images or None
-            yield [row for row, _ in batch], stacked, failed, tuple(seconds)
+            yield [row for _, row, _ in batch], stacked, failed, tuple(seconds)
             failed, seconds = [], [0.0, 0.0]
 
-    tokens = 0
     for chunk in loader:
         for row, pixels, reason, read, decoded in chunk:
             seconds[0] += read
@@ -296,14 +306,13 @@ def _packed_batches(
             if pixels is None:
                 failed.append((row, reason))
             else:
-                pending.append((row, pixels))
-                tokens += image_tokens(*pixels.shape[1:], patch, prefix)
-        if (window_tokens is not None and tokens >= window_tokens) or (
-            window_images is not None and len(pending) >= window_images
-        ):
-            yield from cut(final=False)
-            tokens = sum(image_tokens(*pixels.shape[1:], patch, prefix) for _, pixels in pending)
-    yield from cut(final=True)
+                tokens = image_tokens(*pixels.shape[1:], patch, prefix)
+                pending.append((tokens, row, pixels))
+        # One batch at a time while the window is full, so that the decoding processes
+        # refill it while each batch runs.
+        while window_full():
+            yield from take(final=False)
+    yield from take(final=True)
 
 
 def cut_batches(
