@@ -122,6 +122,41 @@ def test_max_tokens_batches_stay_in_budget_and_rows_in_input_order(model, images
         torch.testing.assert_close(grids[row], alone[index][1], rtol=0, atol=0)
 
 
+def test_a_window_of_many_images_is_cut_by_size_within_the_budget(model, images, alone):
+    # Three of each, shuffled: more than a window (8 budgets), so batches are cut from it
+    # as it refills, same-size images meet and run stacked.
+    order = np.random.default_rng(2).permutation(3 * len(images)) % len(images)
+    calls = []
+    forward = model.forward
+
+    def spy(pixel_values, **kwargs):
+        sizes = [tuple(image.shape[-2:]) for image in pixel_values]
+        calls.append(
+            (isinstance(pixel_values, list), sum(1 + (h // 14) * (w // 14) for h, w in sizes))
+        )
+        return forward(pixel_values=pixel_values, **kwargs)
+
+    model.forward = spy
+    try:
+        pooled = embed([images[i] for i in order], model, crop="none", crop_size=28, max_tokens=16)
+    finally:
+        del model.forward
+    assert max(tokens for _, tokens in calls) <= 16
+    assert any(not is_list for is_list, _ in calls)  # some batches of one size
+    for row, index in enumerate(order):
+        torch.testing.assert_close(pooled[row], alone[index][0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_over_the_budget_is_skipped_with_the_reason(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "features.npy"
+    result = embed_small(model_dir, out, images[:3], crop="none", max_tokens=9)
+    assert result.rows == 2
+    skipped = json.loads(manifest_path(out).read_text())["skipped"]
+    reason = "resized to 28x84 it takes 13 tokens, more than --max-tokens 9"
+    assert skipped == [{"path": str(images[2]), "reason": reason}]
+    assert reason in capsys.readouterr().err
+
+
 def test_the_run_writes_uncropped_rows_in_input_order(model_dir, images, alone, tmp_path):
     out = tmp_path / "features.npy"
     inputs = images[::-1]
