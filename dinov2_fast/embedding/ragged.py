@@ -228,8 +228,11 @@ def join_npy(
     grids: list[list[int]] = []
     for path, manifest in zip(outputs, manifests, strict=True):
         index, flat = read_output("npy", path, manifest)
-        if int((index[:, 2] * index[:, 3]).sum()) != len(flat):
-            raise ValueError(f"{quoted(path)} has {len(flat)} patches, its manifest's grids other")
+        expected = int((index[:, 2] * index[:, 3]).sum())
+        if expected != len(flat):
+            raise ValueError(
+                f"{quoted(path)} holds {len(flat)} patches, its manifest's grids {expected}"
+            )
         before = sum(map(len, arrays))
         offsets += (index[:, 1] + before).tolist()
         grids += index[:, 2:].tolist()
