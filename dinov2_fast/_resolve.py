@@ -20,6 +20,9 @@ POOLS = ("cls", "mean", "cls+mean", "patch")
 # downscale to the smallest of 1/2, 1/4, 1/8 that stays at least the resize), then the same.
 # gpu: JPEGs decoded by nvjpeg through torchvision, where it is installed.
 DECODES = ("exact", "fast", "gpu")
+# center: the checkpoints' centre crop. none: the whole image at its own aspect ratio, the
+# shortest edge resized to --size, each side floored to a patch multiple.
+CROPS = ("center", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORIGINAL_SUFFIXES = (".pth", ".pt")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

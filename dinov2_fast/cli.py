@@ -13,7 +13,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from ._diagnostics import bench, info, tune, verify
-from ._resolve import DECODES, DTYPES, POOLS, SIZES, SharedError, UserError, first_line, quoted
+from ._resolve import (
+    CROPS,
+    DECODES,
+    DTYPES,
+    POOLS,
+    SIZES,
+    SharedError,
+    UserError,
+    first_line,
+    quoted,
+)
 from .ops import BACKENDS
 
 if TYPE_CHECKING:
@@ -121,7 +131,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default=224,
         metavar="S",
         help="center-crop size, at least the model's patch (14); the shortest edge is resized "
-        "to round(S*256/224)",
+        "to round(S*256/224) (with --crop none: to S)",
+    )
+    embed.add_argument(
+        "--crop",
+        choices=CROPS,
+        default="center",
+        help="center: the SxS center crop (default); none: the whole image at its own aspect "
+        "ratio, the shortest edge resized to S, each side floored to a patch multiple "
+        "(--pool patch then gives each image its own grid, see docs/cli.md)",
     )
     embed.add_argument(
         "--decode",
@@ -131,7 +149,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "first (a different pipeline, see docs/cli.md); gpu: JPEGs decoded and resized on the "
         "GPU by nvjpeg (needs torchvision; also a different pipeline)",
     )
-    embed.add_argument("--batch-size", type=_positive_int, default=64)
+    embed.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="images per batch, at most (default: 64, or no cap with --max-tokens)",
+    )
+    embed.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens per batch, at most: per image 1 + registers + patches; with --crop none "
+        "images are grouped by size to fill batches, and one over N is skipped with the reason",
+    )
     embed.add_argument(
         "--workers",
         type=_count,
@@ -246,8 +278,10 @@ def _run_embed(args: argparse.Namespace) -> int:
         args.out,
         pool=args.pool,
         crop_size=args.size,
+        crop=args.crop,
         decode=args.decode,
         batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
         dtype=args.dtype,
         device=args.device,
         workers=args.workers,

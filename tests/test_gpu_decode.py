@@ -232,3 +232,12 @@ def test_nvjpeg_path_stays_within_the_documented_bound(tmp_path):
         theirs = model(pixel_values=normalize(exact.to(device))).pooler_output
     cosine = torch.nn.functional.cosine_similarity(ours, theirs)
     assert (1 - cosine).max() <= 1e-3, cosine
+
+
+def test_gpu_decode_with_uncropped_images_is_refused():
+    from dinov2_fast._resolve import UserError
+    from dinov2_fast.embedding.preprocess import check_crop
+
+    check_crop("none", "fast")
+    with pytest.raises(UserError, match="--decode gpu makes centre crops only"):
+        check_crop("none", "gpu")

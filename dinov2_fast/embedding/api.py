@@ -18,8 +18,9 @@ from .._resolve import (
     resolve_device,
     resolve_dtype,
 )
-from .engine import ImageItem, StageTimes, iter_features
-from .preprocess import check_decode
+from ..modeling import Dinov2PreTrainedModel
+from .engine import ImageItem, StageTimes, check_max_tokens, iter_features
+from .preprocess import check_crop, check_decode
 
 __all__ = ["embed"]
 
@@ -35,17 +36,23 @@ def embed(
     model: str | torch.nn.Module,
     *,
     pool: str = "cls",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     crop_size: int = 224,
     decode: str = "exact",
     workers: int = 0,
     device: str = "auto",
     dtype: str = "auto",
     backend: str = "auto",
-) -> torch.Tensor:
+    crop: str = "center",
+    max_tokens: int | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """Embed ``images`` with a DINOv2 model; returns float32 features on the CPU, one row per
     image in order: ``(N, D)`` (``(N, 2D)`` for ``cls+mean``, ``(N, patches, D)`` for
-    ``patch``).
+    ``patch``; with ``crop="none"``, a list of each image's ``(h, w, D)`` patch grid).
+
+    ``crop``, ``crop_size`` (``--size``), ``batch_size`` (default 64, or no cap with
+    ``max_tokens``) and ``max_tokens`` are the command line's ``--crop``, ``--size``,
+    ``--batch-size`` and ``--max-tokens``; ``crop="none"`` needs a dinov2_fast model.
 
     ``images`` may mix file paths, a file's bytes, PIL images, and uint8 numpy arrays or
     tensors (HxW, HxWxC or CxHxW). They go through the command line's pipeline (the same
@@ -59,21 +66,29 @@ def embed(
         raise TypeError("images must be a list of images, not one image: pass [image]")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     try:
         check_decode(decode, device if isinstance(model, str) else model.device.type)
+        check_crop(crop, decode)
         if isinstance(model, str):
             torch_device = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, torch_device)
             model = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
         check_image_size(crop_size, model.config.patch_size, "crop_size")
+        check_max_tokens(max_tokens, crop_size, model)
     except UserError as err:
         raise ValueError(str(err)) from None
+    if crop == "none" and not isinstance(model, Dinov2PreTrainedModel):
+        raise ValueError(
+            "crop='none' runs images of different sizes in one batch, which only dinov2_fast's "
+            f"models take; got a {type(model).__name__} (load it with dinov2_fast)"
+        )
     items = list(images)
     rows = np.arange(len(items))
-    features: list[torch.Tensor] = []
-    for _, pooled, failed in iter_features(
+    features: list[torch.Tensor | None] = [None] * len(items)
+    for read_rows, pooled, failed in iter_features(
         model,
         items,
         rows,
@@ -83,12 +98,18 @@ def embed(
         batch_size=batch_size,
         workers=workers,
         times=StageTimes(),
+        crop=crop,
+        max_tokens=max_tokens,
     ):
         if failed:
             row, reason = failed[0]
             raise ValueError(f"{_describe(row, items[row])} cannot be read: {reason}")
+        # Rows come in batches of their own order under crop="none".
         if pooled is not None:
-            features.append(pooled.float().cpu())
+            for row, values in zip(read_rows, pooled, strict=True):
+                features[row] = values.float().cpu()
     if not features:
         raise ValueError("no images given")
-    return torch.cat(features)
+    if crop == "none" and pool == "patch":
+        return features
+    return torch.stack(features)

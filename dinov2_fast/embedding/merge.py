@@ -2,6 +2,8 @@
 
 The shards must all be there, each once, with the same settings; their rows follow one
 another in shard order, which is the unsharded run's row order (``sources.shard_of``).
+Ragged shards (``ragged``) join the same way: their patches one after the other, each npy
+shard's ``patch_offsets`` moved by the patches of the shards before it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._resolve import UserError, first_line, quoted
+from . import ragged
 from .lock import RunLock
 from .runner import EmbedResult, manifest_path
 from .sinks import FORMATS, write_json
@@ -21,7 +24,16 @@ from .sinks import FORMATS, write_json
 __all__ = ["merge_outputs"]
 
 # Manifest fields that describe one output's rows rather than the settings they were made with.
-_ROW_FIELDS = ("features", "format", "shape", "inputs", "skipped", "shard")
+_ROW_FIELDS = (
+    "features",
+    "format",
+    "shape",
+    "inputs",
+    "skipped",
+    "shard",
+    "patch_offsets",
+    "patch_grids",
+)
 
 
 def _shard_manifest(shard: Path) -> dict[str, Any]:
@@ -122,14 +134,22 @@ def merge_outputs(
         try:
             inputs = [manifest["inputs"] for manifest in manifests]
             try:
-                ready = output.join(staging, paths, inputs, settings)
+                if ragged.is_ragged(settings) and output.name == "npy":
+                    ready, fields = ragged.join_npy(staging, paths, manifests, settings)
+                else:
+                    ready = output.join(staging, paths, inputs, settings)
+                    fields = {"shape": [sum(map(len, inputs)), *settings["feature_shape"]]}
+                    if ragged.is_ragged(settings):  # Parquet: the grids are columns
+                        width = settings["feature_shape"][1]
+                        fields["shape"] = [sum(m["shape"][0] for m in manifests), width]
             except (OSError, ValueError) as err:
                 raise UserError(f"cannot merge: {first_line(err)}") from None
             manifest = {
                 "features": out.name,
                 "format": output.name,
-                "shape": [sum(map(len, inputs)), *settings["feature_shape"]],
+                "shape": fields.pop("shape"),
                 **settings,
+                **fields,
                 "inputs": [path for rows in inputs for path in rows],
                 "skipped": [entry for m in manifests for entry in m.get("skipped", [])],
             }

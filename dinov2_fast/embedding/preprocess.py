@@ -7,9 +7,11 @@ center crop, rescale by 1/255, ImageNet mean/std. Files are opened as transforme
 applied.
 
 ``crop_pixels`` does the first half on the CPU and returns the uint8 crop, bit for bit the
-crop transformers rescales; ``normalize`` does the rescale and normalisation wherever the
-batch is (the GPU, for a run on one), so only a quarter of the bytes cross from the decoding
-processes and the float work leaves the CPU.
+crop transformers rescales (``resize_pixels``, for ``--crop none``, the whole resized image,
+as ``BitImageProcessor(do_center_crop=False)`` gives it, less the last rows and columns past
+a patch multiple, which the model's patch embedding drops anyway); ``normalize`` does the
+rescale and normalisation wherever the batch is (the GPU, for a run on one), so only a quarter
+of the bytes cross from the decoding processes and the float work leaves the CPU.
 
 The resize computes only the pixels the crop keeps when the full resize would be much larger
 than the crop and than the image (a small side enlarged at an extreme aspect ratio: a 1x20000
@@ -27,9 +29,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .._resolve import DECODES, UserError
+from .._resolve import CROPS, DECODES, UserError
 
-__all__ = ["check_decode", "crop_pixels", "load_image", "normalize", "resize_size_for"]
+__all__ = [
+    "check_crop",
+    "check_decode",
+    "crop_pixels",
+    "load_image",
+    "normalize",
+    "resize_pixels",
+    "resize_size_for",
+    "uncropped_shape",
+]
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +67,17 @@ def check_decode(decode: str, device: str = "auto") -> None:
         from .gpu_decode import check_gpu_decode  # here: gpu_decode imports this module
 
         check_gpu_decode(device)
+
+
+def check_crop(crop: str, decode: str = "exact") -> None:
+    """Refuse an unknown crop, or one the decode mode cannot produce."""
+    if crop not in CROPS:
+        raise UserError(f"--crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if crop == "none" and decode == "gpu":
+        raise UserError(
+            "--decode gpu makes centre crops only: use --crop center with it, or --decode "
+            "exact or fast with --crop none"
+        )
 
 
 def resize_size_for(crop_size: int) -> int:
@@ -187,6 +210,25 @@ def crop_pixels(image: Image.Image, crop_size: int = 224) -> np.ndarray:
         resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
         pixels = resized[top : top + crop_size, left : left + crop_size]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def uncropped_shape(height: int, width: int, size: int, patch_size: int) -> tuple[int, int]:
+    """The ``--crop none`` pixels of a ``height`` x ``width`` image: the shortest edge
+    resized to ``size`` (at least one patch), each side floored to a multiple of the patch."""
+    height, width = _resized_shape(height, width, size)
+    return height // patch_size * patch_size, width // patch_size * patch_size
+
+
+def resize_pixels(image: Image.Image, size: int, patch_size: int) -> np.ndarray:
+    """A PIL image to its ``(3, H, W)`` uint8 ``--crop none`` pixels (``uncropped_shape``):
+    transformers' resize to a shortest edge of ``size``, uncropped, then its top-left
+    ``H`` x ``W``, the pixels the model's patches cover."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    height, width = _resized_shape(image.height, image.width, size)
+    keep_height, keep_width = uncropped_shape(image.height, image.width, size, patch_size)
+    resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(resized[:keep_height, :keep_width].transpose(2, 0, 1))
 
 
 _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)

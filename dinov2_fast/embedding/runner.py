@@ -19,6 +19,13 @@ them in the output's format (``sinks.FORMATS``) inside the partial folder, then 
 writing ``finished.json`` (the manifest, and which file holds the
 features) into the partial folder; moving the features to ``--out`` and writing the
 manifest follow, and the next run on that ``--out`` completes them if they were cut short.
+
+Ragged rows (``--pool patch --crop none``: each input its own grid of patches) cannot be rows
+of one array: there ``features.npy`` holds, per input, where its patches are (a chunk and
+the first patch in it, and the grid), and each batch's patches go whole into a chunk file of
+``chunks/`` before the batch's index rows and status bytes (``ragged``). The rest (status,
+resume, ranks, the finish's commit) is the same; a resume that starts a new partial folder
+copies the chunks its kept rows point into (or a finished output's patches, as one chunk).
 """
 
 from __future__ import annotations
@@ -52,9 +59,10 @@ from .._resolve import (
     resolve_device,
     resolve_dtype,
 )
-from .engine import StageTimes, feature_shape, iter_features
+from . import ragged
+from .engine import StageTimes, check_max_tokens, feature_shape, iter_features
 from .lock import RunLock
-from .preprocess import check_decode, resize_size_for
+from .preprocess import check_crop, check_decode, resize_size_for
 from .ranks import Ranks
 from .sinks import (
     FORMATS,
@@ -211,11 +219,17 @@ class _Previous:
     features: np.ndarray
     done: np.ndarray
     unfinished: bool
+    # Ragged rows: the chunks the done rows' index entries point into (files or arrays).
+    chunks: dict[int, Path | np.ndarray] | None = None
+
+
+# What a run written before a setting was recorded had: such runs can still be resumed.
+_UNRECORDED_SETTINGS = {"crop": "center"}
 
 
 def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
-        if old.get(key) == value:
+        if old.get(key, _UNRECORDED_SETTINGS.get(key)) == value:
             continue
         fix = "(rerun with --overwrite, or write to another --out)"
         if key == "model_fingerprint":
@@ -237,16 +251,24 @@ def _previous_run(out: Path, output: OutputFormat, settings: dict[str, Any]) -> 
         rows = len(run["inputs"])
         status = _load_array(partial / "status.npy", rows)
         features = _load_array(partial / "features.npy", rows)
-        return _Previous(run["inputs"], features, status == _DONE, unfinished=True)
+        done = status == _DONE
+        chunks = ragged.done_chunks(partial, features, done) if ragged.is_ragged(settings) else None
+        return _Previous(run["inputs"], features, done, unfinished=True, chunks=chunks)
     manifest = manifest_path(out)
     if manifest.is_file() and output.exists(out):
         written = _read_json(manifest, {"inputs": list})
         _check_settings(out, written, settings)
         inputs = written["inputs"]
+        done = np.ones(len(inputs), dtype=bool)
+        if ragged.is_ragged(settings):
+            try:
+                index, patches = ragged.read_output(output.name, out, written)
+            except (OSError, ValueError, EOFError) as err:
+                raise _damaged(out, first_line(err)) from None
+            return _Previous(inputs, index, done, unfinished=False, chunks={0: patches})
         shape = settings["feature_shape"]
         features = _load_array(out, len(inputs), lambda out: output.read(out, inputs, shape))
-        done = np.ones(len(written["inputs"]), dtype=bool)
-        return _Previous(written["inputs"], features, done, unfinished=False)
+        return _Previous(inputs, features, done, unfinished=False)
     return None
 
 
@@ -266,15 +288,21 @@ def _check_kept(out: Path, previous: _Previous, inputs: list[str]) -> None:
 def _start_partial(
     folder: Path, inputs: list[str], settings: dict[str, Any], previous: _Previous | None
 ) -> None:
-    shape = (len(inputs), *settings["feature_shape"])
-    row_bytes = np.dtype(settings["features_dtype"]).itemsize * int(np.prod(shape[1:]))
+    if ragged.is_ragged(settings):
+        # Each row's place in the chunks; the patches' size is known once they are decoded.
+        dtype, shape = np.int64, (len(inputs), len(ragged.INDEX_FIELDS))
+    else:
+        dtype, shape = settings["features_dtype"], (len(inputs), *settings["feature_shape"])
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
     # The rows plus one status byte each; a run that skips files later needs room for a
     # compacted copy too, checked when it finishes.
     what = f"{len(inputs)} rows of features"
     check_space(folder / "features.npy", len(inputs) * (row_bytes + 1), what)
     folder.mkdir(parents=True)
     write_json(folder / "run.json", {"settings": settings, "inputs": inputs})
-    features = create_array(folder / "features.npy", settings["features_dtype"], shape, what)
+    if ragged.is_ragged(settings):
+        ragged.copy_chunks({} if previous is None else previous.chunks, folder / "chunks")
+    features = create_array(folder / "features.npy", dtype, shape, what)
     status = create_array(folder / "status.npy", np.uint8, (len(inputs),), what)
     if previous is not None:
         old_row = {p: r for r, p in enumerate(previous.inputs) if previous.done[r]}
@@ -333,14 +361,19 @@ def _embed_rows(
     *,
     pool: str,
     crop_size: int,
+    crop: str,
     decode: str,
-    batch_size: int,
+    batch_size: int | None,
+    max_tokens: int | None,
     workers: int,
     show_progress: bool,
     verbose: bool,
     rank: int,
 ) -> None:
-    features = NpyRows(partial / "features.npy")
+    if pool == "patch" and crop == "none":
+        features = ragged.RaggedRows(partial)
+    else:
+        features = NpyRows(partial / "features.npy")
     status = np.load(partial / "status.npy", mmap_mode="r+")
     times = StageTimes()
     batches = iter_features(
@@ -353,6 +386,8 @@ def _embed_rows(
         batch_size=batch_size,
         workers=workers,
         times=times,
+        crop=crop,
+        max_tokens=max_tokens,
     )
     progress = tqdm(
         total=len(rows), unit="img", desc="embed", file=sys.stderr, disable=not show_progress
@@ -406,13 +441,18 @@ def _finish(out: Path, output: OutputFormat, unlisted: list[tuple[str, str]]) ->
             entry = json.loads(line)
             reasons[entry["row"]] = entry["reason"]
     features = np.load(partial / "features.npy", mmap_mode="r")
-    ready = output.write(partial, features, written, inputs, settings)
+    if ragged.is_ragged(settings):
+        ready, fields = ragged.write_output(output, partial, features, written, inputs, settings)
+    else:
+        ready = output.write(partial, features, written, inputs, settings)
+        fields = {"shape": [len(written), *settings["feature_shape"]]}
     del features
     manifest = {
         "features": out.name,
         "format": output.name,
-        "shape": [len(written), *settings["feature_shape"]],
+        "shape": fields.pop("shape"),
         **settings,
+        **fields,
         "inputs": [inputs[r] for r in written],
         "skipped": [
             *({"path": path, "reason": reason} for path, reason in unlisted),
@@ -442,8 +482,10 @@ def embed_images(
     *,
     pool: str = "cls",
     crop_size: int = 224,
+    crop: str = "center",
     decode: str = "exact",
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     workers: int | None = None,
@@ -463,7 +505,8 @@ def embed_images(
     keeps its rows or ``overwrite`` replaces it. With ``num_shards`` above 1 the run embeds
     shard ``shard_index`` of the inputs (``sources.shard_of``); ``dinov2-fast merge`` joins
     the shards' outputs. Under torchrun every rank calls this with the same arguments and
-    gets the same result.
+    gets the same result. ``crop``, ``batch_size`` and ``max_tokens`` are ``--crop``,
+    ``--batch-size`` and ``--max-tokens`` (``engine.iter_features``).
     """
     out = Path(out)
     output = FORMATS.get(format)
@@ -480,6 +523,10 @@ def embed_images(
     if resume and overwrite:
         raise UserError("--resume keeps the earlier rows and --overwrite drops them: pick one")
     check_decode(decode, device)
+    check_crop(crop, decode)
+    for option, value in (("--batch-size", batch_size), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}")
     ranks = Ranks.from_env()
     lock = RunLock(out)
     try:
@@ -507,19 +554,24 @@ def embed_images(
         net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
         config = net.config
         check_image_size(crop_size, config.patch_size, "--size")
+        check_max_tokens(max_tokens, crop_size, net)
         settings = {
             "model": model_identity(model),
             "model_fingerprint": model_fingerprint(model),
             "pool": pool,
+            "crop": crop,
             "crop_size": crop_size,
-            "resize_size": resize_size_for(crop_size),
+            # Uncropped, the shortest edge is resized to --size itself.
+            "resize_size": crop_size if crop == "none" else resize_size_for(crop_size),
             "decode": decode,
             "model_dtype": dtype_name(torch_dtype),
             # numpy has no bfloat16: those features are stored as float32, as all of Parquet's.
             "features_dtype": "float16"
             if torch_dtype == torch.float16 and output.name == "npy"
             else "float32",
-            "feature_shape": feature_shape(pool, config.hidden_size, config.patch_size, crop_size),
+            "feature_shape": feature_shape(
+                pool, config.hidden_size, config.patch_size, crop_size, crop
+            ),
             # [index, count] of a sharded run (None: all inputs), so that shards never mix.
             "shard": [shard_index, num_shards] if num_shards > 1 else None,
         }
@@ -531,8 +583,10 @@ def embed_images(
             np.array_split(pending, ranks.world)[ranks.rank],
             pool=pool,
             crop_size=crop_size,
+            crop=crop,
             decode=decode,
             batch_size=batch_size,
+            max_tokens=max_tokens,
             workers=default_workers(torch_device) if workers is None else workers,
             show_progress=show_progress and ranks.rank == 0,
             verbose=verbose,

@@ -226,7 +226,9 @@ def _pyarrow():
 class _Parquet(OutputFormat):
     """A folder of ``part-NNNNN.parquet`` files, in row order: columns ``path`` (string) and
     ``embedding`` (``fixed_size_list<float32>[D]``, the patch pool flattened), the run's
-    settings as JSON under the schema metadata key ``dinov2_fast``."""
+    settings as JSON under the schema metadata key ``dinov2_fast``. Ragged rows (``ragged``)
+    have ``embedding`` ``list<fixed_size_list<float32>[D]>``, one item per patch, and
+    ``grid_h``, ``grid_w`` (int32)."""
 
     name = "parquet"
     is_folder = True
@@ -241,12 +243,19 @@ class _Parquet(OutputFormat):
         pa = _pyarrow()
         from .. import __version__
 
-        width = int(np.prod(settings["feature_shape"]))
         metadata = {**settings, "embedding_shape": settings["feature_shape"]}
         metadata["library_version"] = __version__
+        shape = settings["feature_shape"]
+        if shape[0] is None:  # ragged: one list of patch vectors per row, and its grid
+            fields = [
+                ("embedding", pa.list_(pa.list_(pa.float32(), shape[1]))),
+                ("grid_h", pa.int32()),
+                ("grid_w", pa.int32()),
+            ]
+        else:
+            fields = [("embedding", pa.list_(pa.float32(), int(np.prod(shape))))]
         return pa.schema(
-            [("path", pa.string()), ("embedding", pa.list_(pa.float32(), width))],
-            metadata={self.metadata_key: json.dumps(metadata)},
+            [("path", pa.string()), *fields], metadata={self.metadata_key: json.dumps(metadata)}
         )
 
     def write_part(self, folder: Path, index: int, table) -> None:
