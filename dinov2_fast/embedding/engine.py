@@ -27,6 +27,7 @@ __all__ = [
     "ImageItem",
     "StageTimes",
     "crop_batches",
+    "embed_crops",
     "feature_shape",
     "iter_features",
     "pool_output",
@@ -142,6 +143,16 @@ def pool_output(output: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
     return mean if pool == "mean" else torch.cat([output.pooler_output.float(), mean], dim=-1)
 
 
+def embed_crops(model: torch.nn.Module, pixels: torch.Tensor, pool: str) -> torch.Tensor:
+    """uint8 crops ``(n, 3, S, S)`` to their pooled features, on the model's device (call
+    under ``torch.inference_mode``)."""
+    # transformers' plain Dinov2Config has no registers field.
+    prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
+    pixels = normalize(pixels.to(model.device, non_blocking=True))
+    output = model(pixel_values=pixels.to(model.dtype))
+    return pool_output(output, pool, prefix_tokens)
+
+
 def crop_batches(
     items: Sequence[ImageItem],
     rows: np.ndarray,
@@ -190,8 +201,6 @@ def iter_features(
         workers=workers,
         pin_memory=on_gpu,
     )
-    # transformers' plain Dinov2Config has no registers field.
-    prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
     with torch.inference_mode():
         for read_rows, pixels, failed, (read, decoded) in batches:
             times.read += read
@@ -199,9 +208,7 @@ def iter_features(
             pooled = None
             if read_rows:
                 started = time.perf_counter()
-                pixels = normalize(pixels.to(model.device, non_blocking=True))
-                output = model(pixel_values=pixels.to(model.dtype))
-                pooled = pool_output(output, pool, prefix_tokens)
+                pooled = embed_crops(model, pixels, pool)
                 if on_gpu:
                     torch.cuda.synchronize(model.device)  # so the model's time is its own
                 times.model += time.perf_counter() - started
