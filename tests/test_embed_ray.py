@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -108,15 +109,23 @@ def _ray(model_dir: Path, out: Path, inputs: list[Path], **options):
 def test_rows_equal_the_local_engine_and_a_corrupt_file_is_named(
     cluster, model_dir, images, tmp_path, capsys
 ):
+    shard = tmp_path / "00000.tar"  # webdataset: members keyed TAR::MEMBER, one damaged
+    with tarfile.open(shard, "w") as tar:
+        for name, data in [("a.png", _png(7, 33, 41)), ("b.jpg", b"not a jpeg")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    inputs = [*images, shard]
     local, out = tmp_path / "local", tmp_path / "ray"
-    embed_small(model_dir, local, images, format="parquet")
+    embed_small(model_dir, local, inputs, format="parquet")
     capsys.readouterr()
-    result = _ray(model_dir, out, images)
-    assert (result.rows, result.skipped) == (5, 1)
-    named = f"skipped {str(images[5])!r}: cannot identify the image format"
-    assert named in capsys.readouterr().err
+    result = _ray(model_dir, out, inputs)
+    assert (result.rows, result.skipped) == (6, 2)
+    stderr = capsys.readouterr().err
+    assert f"skipped {str(images[5])!r}: cannot identify the image format" in stderr
+    assert f"skipped '{shard}::b.jpg'" in stderr
     ours, theirs = _rows(out), _rows(local)
-    assert sorted(ours) == sorted(theirs) == sorted(map(str, images[:5]))
+    assert sorted(ours) == sorted(theirs) == sorted([*map(str, images[:5]), f"{shard}::a.png"])
     for path, row in theirs.items():
         np.testing.assert_allclose(ours[path], row, rtol=1e-5, atol=1e-6)
     manifest, expected = _manifest(out), _manifest(local)
