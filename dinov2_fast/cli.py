@@ -108,6 +108,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "path and embedding (needs pyarrow)",
     )
     embed.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine, torchrun processes on it (default); ray: a Ray cluster, "
+        "Parquet parts written by its workers (needs --format parquet and "
+        "pip install 'dinov2-fast[ray]')",
+    )
+    embed.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="the Ray cluster of --engine ray (default: RAY_ADDRESS, else a new cluster on "
+        "this machine)",
+    )
+    embed.add_argument(
         "--num-shards",
         type=_positive_int,
         default=1,
@@ -287,6 +302,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         workers=args.workers,
         backend=args.backend,
         format=args.format,
+        engine=args.engine,
+        ray_address=args.ray_address,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         resume=args.resume,

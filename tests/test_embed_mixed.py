@@ -369,3 +369,12 @@ def test_an_output_written_before_crop_was_recorded_resumes_as_a_centre_crop(
     assert np.load(out).shape[0] == 3 and result.rows == 3
     with pytest.raises(UserError, match="written with crop='center'"):
         embed_small(model_dir, out, images[:3], resume=True, crop="none")
+
+
+def test_the_ray_engine_refuses_uncropped_images_and_token_budgets(model_dir, images, tmp_path):
+    out = tmp_path / "features"
+    with pytest.raises(UserError, match="--engine ray embeds centre crops.*drop --crop none"):
+        embed_small(model_dir, out, images, engine="ray", format="parquet", crop="none")
+    with pytest.raises(UserError, match="drop --max-tokens"):
+        embed_small(model_dir, out, images, engine="ray", format="parquet", max_tokens=64)
+    assert not out.exists()

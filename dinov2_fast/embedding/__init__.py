@@ -5,11 +5,22 @@ image into the checkpoints' pixels, ``engine`` batches them through the model an
 output, ``sinks`` writes the rows and the output formats (``.npy``, Parquet parts),
 ``merge`` joins the outputs of sharded runs, ``ranks`` coordinates torchrun processes,
 ``lock`` keeps one run per output, ``runner`` drives a run (resume, manifest, the crash-safe
-finish), and ``api`` is ``dinov2_fast.embed``, the same pipeline for images in memory.
+finish), ``ray_engine`` runs it on a Ray cluster (``--engine ray``; ``Embedder`` is its model
+stage for Ray pipelines of one's own), and ``api`` is ``dinov2_fast.embed``, the same
+pipeline for images in memory.
 """
 
 from .api import embed
+from .ray_engine import Embedder
 from .runner import EmbedResult, embed_images, manifest_path
 from .sources import Inputs, collect_inputs
 
-__all__ = ["EmbedResult", "Inputs", "collect_inputs", "embed", "embed_images", "manifest_path"]
+__all__ = [
+    "EmbedResult",
+    "Embedder",
+    "Inputs",
+    "collect_inputs",
+    "embed",
+    "embed_images",
+    "manifest_path",
+]

@@ -46,6 +46,7 @@ __all__ = [
     "check_max_tokens",
     "crop_batches",
     "cut_batches",
+    "embed_crops",
     "feature_shape",
     "image_tokens",
     "iter_features",
@@ -353,6 +354,23 @@ def cut_batches(
     return batches
 
 
+def embed_crops(
+    model: torch.nn.Module, pixels: torch.Tensor | list[torch.Tensor], pool: str
+) -> torch.Tensor | list[torch.Tensor]:
+    """uint8 crops ``(n, 3, S, S)`` (or a list of ``(3, H_i, W_i)`` images of their own
+    sizes) to their pooled features, on the model's device (call under
+    ``torch.inference_mode``)."""
+    # transformers' plain Dinov2Config has no registers field.
+    prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
+    if isinstance(pixels, list):
+        images = [normalize(p.to(model.device, non_blocking=True)) for p in pixels]
+        output = model(pixel_values=[image.to(model.dtype) for image in images])
+    else:
+        pixels = normalize(pixels.to(model.device, non_blocking=True))
+        output = model(pixel_values=pixels.to(model.dtype))
+    return pool_output(output, pool, prefix_tokens)
+
+
 def crop_batches(
     items: Sequence[ImageItem],
     rows: np.ndarray,
@@ -438,13 +456,7 @@ def iter_features(
             pooled = None
             if read_rows:
                 started = time.perf_counter()
-                if isinstance(pixels, list):
-                    images = [normalize(p.to(model.device, non_blocking=True)) for p in pixels]
-                    output = model(pixel_values=[image.to(model.dtype) for image in images])
-                else:
-                    pixels = normalize(pixels.to(model.device, non_blocking=True))
-                    output = model(pixel_values=pixels.to(model.dtype))
-                pooled = pool_output(output, pool, prefix_tokens)
+                pooled = embed_crops(model, pixels, pool)
                 if crop == "none" and pool == "patch":
                     pooled = _grids(pooled, pixels, patch)
                 if on_gpu:

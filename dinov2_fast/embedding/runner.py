@@ -37,7 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,13 @@ from .._resolve import (
     resolve_dtype,
 )
 from . import ragged
-from .engine import StageTimes, check_max_tokens, feature_shape, iter_features
+from .engine import (
+    DEFAULT_BATCH_SIZE,
+    StageTimes,
+    check_max_tokens,
+    feature_shape,
+    iter_features,
+)
 from .lock import RunLock
 from .preprocess import check_crop, check_decode, resize_size_for
 from .ranks import Ranks
@@ -76,7 +82,10 @@ from .sinks import (
 )
 from .sources import Inputs, collect_inputs, shard_of
 
-__all__ = ["EmbedResult", "embed_images", "manifest_path"]
+__all__ = ["ENGINES", "EmbedResult", "embed_images", "manifest_path"]
+
+# Where a run's work happens: this machine (and its torchrun processes), or a Ray cluster.
+ENGINES = ("local", "ray")
 
 _PENDING, _DONE, _SKIPPED = 0, 1, 2
 
@@ -272,10 +281,10 @@ def _previous_run(out: Path, output: OutputFormat, settings: dict[str, Any]) -> 
     return None
 
 
-def _check_kept(out: Path, previous: _Previous, inputs: list[str]) -> None:
-    """A resume keeps every row written before: refuse one that would leave some out."""
+def _check_kept(out: Path, written: Iterable[str], inputs: list[str]) -> None:
+    """A resume keeps every row written before (``written``, by path): refuse one that
+    would leave some out."""
     given = set(inputs)
-    written = (p for p, done in zip(previous.inputs, previous.done, strict=True) if done)
     dropped = [p for p in written if p not in given]
     if dropped:
         raise UserError(
@@ -321,7 +330,8 @@ def _prepare(
     partial = _partial_dir(out)
     previous = _previous_run(out, output, settings) if resume else None
     if previous is not None:
-        _check_kept(out, previous, inputs)
+        done = zip(previous.inputs, previous.done, strict=True)
+        _check_kept(out, (path for path, kept in done if kept), inputs)
     if previous is not None and previous.unfinished and previous.inputs == inputs:
         # Same inputs as the interrupted run: continue in place, retrying skipped files.
         status = np.load(partial / "status.npy", mmap_mode="r+")
@@ -464,6 +474,56 @@ def _finish(out: Path, output: OutputFormat, unlisted: list[tuple[str, str]]) ->
     return result
 
 
+def _list_inputs(patterns: Sequence[str], num_shards: int, shard_index: int) -> Inputs:
+    """The inputs of the run (its shard of the listing), the listing's skipped named."""
+    listing = collect_inputs(patterns)
+    if num_shards > 1:
+        # Files the listing left out are named by the first shard only, so that a merge
+        # names each once.
+        unlisted = listing.skipped if shard_index == 0 else []
+        listing = Inputs(shard_of(listing.paths, num_shards, shard_index), unlisted)
+    for path, reason in listing.skipped:
+        print(f"skipped {quoted(path)}: {reason}", file=sys.stderr)
+    return listing
+
+
+def _run_settings(
+    model: str,
+    config: Any,
+    torch_dtype: torch.dtype,
+    output: OutputFormat,
+    *,
+    pool: str,
+    crop_size: int,
+    decode: str,
+    num_shards: int,
+    shard_index: int,
+    crop: str = "center",
+) -> dict[str, Any]:
+    """What a run's rows depend on: a resume must match them, a merge joins equal ones."""
+    check_image_size(crop_size, config.patch_size, "--size")
+    return {
+        "model": model_identity(model),
+        "model_fingerprint": model_fingerprint(model),
+        "pool": pool,
+        "crop": crop,
+        "crop_size": crop_size,
+        # Uncropped, the shortest edge is resized to --size itself.
+        "resize_size": crop_size if crop == "none" else resize_size_for(crop_size),
+        "decode": decode,
+        "model_dtype": dtype_name(torch_dtype),
+        # numpy has no bfloat16: those features are stored as float32, as all of Parquet's.
+        "features_dtype": "float16"
+        if torch_dtype == torch.float16 and output.name == "npy"
+        else "float32",
+        "feature_shape": feature_shape(
+            pool, config.hidden_size, config.patch_size, crop_size, crop
+        ),
+        # [index, count] of a sharded run (None: all inputs), so that shards never mix.
+        "shard": [shard_index, num_shards] if num_shards > 1 else None,
+    }
+
+
 def default_workers(device: torch.device) -> int:
     """Decoding processes per process, from the cores this process may run on."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -491,6 +551,8 @@ def embed_images(
     workers: int | None = None,
     backend: str = "auto",
     format: str = "npy",
+    engine: str = "local",
+    ray_address: str | None = None,
     num_shards: int = 1,
     shard_index: int = 0,
     resume: bool = False,
@@ -506,9 +568,18 @@ def embed_images(
     shard ``shard_index`` of the inputs (``sources.shard_of``); ``dinov2-fast merge`` joins
     the shards' outputs. Under torchrun every rank calls this with the same arguments and
     gets the same result. ``crop``, ``batch_size`` and ``max_tokens`` are ``--crop``,
-    ``--batch-size`` and ``--max-tokens`` (``engine.iter_features``).
+    ``--batch-size`` and ``--max-tokens`` (``engine.iter_features``). ``engine`` ``ray``
+    runs the job on the Ray cluster at ``ray_address`` (``ray_engine``; Parquet and centre
+    crops only, ``workers`` unused).
     """
     out = Path(out)
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
+    if engine == "ray" and format != "parquet":
+        raise UserError(
+            f"--engine ray writes Parquet parts from the cluster: add --format parquet "
+            f"(got --format {format})"
+        )
     output = FORMATS.get(format)
     if output is None:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format}")
@@ -527,6 +598,42 @@ def embed_images(
     for option, value in (("--batch-size", batch_size), ("--max-tokens", max_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}")
+    if engine == "ray":
+        unsupported = [
+            option
+            for option, used in (
+                ("--crop none", crop == "none"),
+                ("--max-tokens", max_tokens is not None),
+                ("--decode gpu", decode == "gpu"),
+            )
+            if used
+        ]
+        if unsupported:
+            raise UserError(
+                f"--engine ray embeds centre crops in fixed-size batches, decoded on the CPU: "
+                f"drop {', '.join(unsupported)}, or use --engine local"
+            )
+        from .ray_engine import embed_on_ray
+
+        return embed_on_ray(
+            patterns,
+            model,
+            out,
+            output,
+            pool=pool,
+            crop_size=crop_size,
+            decode=decode,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            num_shards=num_shards,
+            shard_index=shard_index,
+            resume=resume,
+            overwrite=overwrite,
+            ray_address=ray_address,
+            show_progress=show_progress,
+        )
     ranks = Ranks.from_env()
     lock = RunLock(out)
     try:
@@ -535,15 +642,7 @@ def embed_images(
             _check_writable(out, output)
             lock.acquire()
             _check_existing(out, resume=resume, overwrite=overwrite)
-            listing = collect_inputs(patterns)
-            if num_shards > 1:
-                # Files the listing left out are named by the first shard only, so that a
-                # merge names each once.
-                unlisted = listing.skipped if shard_index == 0 else []
-                listing = Inputs(shard_of(listing.paths, num_shards, shard_index), unlisted)
-            for path, reason in listing.skipped:
-                print(f"skipped {quoted(path)}: {reason}", file=sys.stderr)
-            return listing
+            return _list_inputs(patterns, num_shards, shard_index)
 
         inputs, unlisted = ranks.on_rank0(check)
         torch_device = resolve_device(device, ranks.local_rank)
@@ -552,29 +651,19 @@ def embed_images(
             torch.cuda.set_device(torch_device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
-        config = net.config
-        check_image_size(crop_size, config.patch_size, "--size")
         check_max_tokens(max_tokens, crop_size, net)
-        settings = {
-            "model": model_identity(model),
-            "model_fingerprint": model_fingerprint(model),
-            "pool": pool,
-            "crop": crop,
-            "crop_size": crop_size,
-            # Uncropped, the shortest edge is resized to --size itself.
-            "resize_size": crop_size if crop == "none" else resize_size_for(crop_size),
-            "decode": decode,
-            "model_dtype": dtype_name(torch_dtype),
-            # numpy has no bfloat16: those features are stored as float32, as all of Parquet's.
-            "features_dtype": "float16"
-            if torch_dtype == torch.float16 and output.name == "npy"
-            else "float32",
-            "feature_shape": feature_shape(
-                pool, config.hidden_size, config.patch_size, crop_size, crop
-            ),
-            # [index, count] of a sharded run (None: all inputs), so that shards never mix.
-            "shard": [shard_index, num_shards] if num_shards > 1 else None,
-        }
+        settings = _run_settings(
+            model,
+            net.config,
+            torch_dtype,
+            output,
+            pool=pool,
+            crop=crop,
+            crop_size=crop_size,
+            decode=decode,
+            num_shards=num_shards,
+            shard_index=shard_index,
+        )
         pending = ranks.on_rank0(lambda: _prepare(out, output, inputs, settings, resume))
         _embed_rows(
             net,

@@ -258,31 +258,41 @@ class _Parquet(OutputFormat):
             [("path", pa.string()), *fields], metadata={self.metadata_key: json.dumps(metadata)}
         )
 
-    def write_part(self, folder: Path, index: int, table) -> None:
-        """Part ``index``, written under a hidden name first, so that a killed write leaves
-        no half part that a reader would take for one."""
+    def table(self, schema, paths: list[str], features: np.ndarray):
+        """The rows of ``paths`` with their ``features`` (one row each) in ``schema``."""
+        pa = _pyarrow()
+        width = schema.field("embedding").type.list_size
+        values = np.asarray(features, dtype=np.float32).reshape(-1)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values), width)
+        return pa.Table.from_arrays([pa.array(paths, pa.string()), embedding], schema=schema)
+
+    def write_part(self, folder: Path, index: int | str, table) -> None:
+        """Part ``index`` (``part-INDEX.parquet``, a number zero-padded), written under a
+        hidden name first, so that a killed write leaves no half part that a reader would
+        take for one, and a rewrite replaces it whole."""
         pq = _pyarrow().parquet
-        part = folder / f"part-{index:05d}.parquet"
-        staging = folder / f".{part.name}.tmp"
+        name = f"{index:05d}" if isinstance(index, int) else index
+        part = folder / f"part-{name}.parquet"
+        staging = folder / f".{part.name}.{os.getpid()}.tmp"
         with disk_full_names(part):
             pq.write_table(table, staging)
         os.replace(staging, part)
 
     def write(self, folder, features, rows, inputs, settings) -> str:
-        pa = _pyarrow()
         ready = folder / "parquet"
         shutil.rmtree(ready, ignore_errors=True)  # an earlier finish cut short
         ready.mkdir()
         schema = self.schema(settings)
-        width = schema.field("embedding").type.list_size
-        step = max(1, _PART_BYTES // (4 * width))
+        step = self.part_rows(schema)
         for index, start in enumerate(range(0, len(rows), step)):
             chunk = rows[start : start + step]
-            values = np.asarray(features[chunk], dtype=np.float32).reshape(-1)
-            embedding = pa.FixedSizeListArray.from_arrays(pa.array(values), width)
-            paths = pa.array([inputs[r] for r in chunk], pa.string())
-            self.write_part(ready, index, pa.Table.from_arrays([paths, embedding], schema=schema))
+            table = self.table(schema, [inputs[r] for r in chunk], features[chunk])
+            self.write_part(ready, index, table)
         return ready.name
+
+    def part_rows(self, schema) -> int:
+        """Rows per part: about ``_PART_BYTES`` of embeddings."""
+        return max(1, _PART_BYTES // (4 * schema.field("embedding").type.list_size))
 
     def place(self, ready: Path, out: Path) -> None:
         if not ready.exists():
