@@ -312,12 +312,18 @@ def _run_embed(args: argparse.Namespace) -> int:
     )
     if _rank() != 0:
         return 0 if result.rows else 1
-    if not result.rows:
+    # Nothing written: the run is kept (local engine) or its empty --out removed (Ray). A
+    # shard with no inputs at all is an empty output, written.
+    if not result.rows and (result.partial.exists() or not result.features.exists()):
+        # The Ray engine keeps no partial run: its rows go to --out as they are written.
+        kept = (
+            f", the run is kept in {quoted(result.partial)} (--resume tries the files again)"
+            if result.partial.exists()
+            else ""
+        )
         print(
             f"{_PROG}: error: no input could be read ({result.skipped} skipped, named above); "
-            f"nothing written to {quoted(result.features)}, the run is kept in "
-            f"{quoted(result.partial)} "
-            "(--resume tries the files again)",
+            f"nothing written to {quoted(result.features)}{kept}",
             file=sys.stderr,
         )
         return 1

@@ -646,3 +646,12 @@ def test_an_interrupted_finish_is_completed_by_the_next_run(
     assert not out.with_suffix(".partial").exists()
     assert _manifest(out) == _manifest(clean)
     np.testing.assert_array_equal(np.load(out), np.load(clean))
+
+
+def test_a_shard_with_no_inputs_succeeds_with_an_empty_output(workspace, tmp_path, capsys):
+    image = workspace / "images" / sorted(p.name for p in (workspace / "images").glob("*.png"))[0]
+    out = tmp_path / "shard0.npy"
+    extra = ("--num-shards", 2, "--shard-index", 0)
+    status, err = _main(capsys, *_embed_args(workspace, out, image, extra=extra))
+    assert status == 0, err
+    assert np.load(out).shape[0] == 0

@@ -187,6 +187,23 @@ def test_merged_shards_are_the_unsharded_run(model_dir, images, tmp_path, small_
         assert _table(merged).schema.metadata == _table(whole).schema.metadata
 
 
+@pytest.mark.parametrize("format", ["npy", "parquet"])
+def test_a_shard_with_no_inputs_is_an_empty_output_that_merges(model_dir, images, tmp_path, format):
+    from dinov2_fast.embedding.merge import merge_outputs
+
+    shards = _shards(model_dir, tmp_path, images[:2], 3, format=format)
+    assert _manifest(shards[0])["inputs"] == []  # 2 inputs in 3 shards: the first has none
+    if format == "npy":
+        assert np.load(shards[0]).shape == (0, 64)
+    else:
+        assert _table(shards[0]).num_rows == 0 and _table(shards[0]).schema.names[:2] == [
+            "path",
+            "embedding",
+        ]
+    result = merge_outputs(tmp_path / f"merged{'.npy' if format == 'npy' else ''}", shards)
+    assert (result.rows, result.skipped) == (2, 0)
+
+
 def test_merge_refuses_missing_repeated_mixed_and_unsharded_outputs(
     model_dir, images, tmp_path, capsys
 ):

@@ -296,7 +296,7 @@ def test_merge_joins_ragged_shards_as_the_unsharded_run(model_dir, images, tmp_p
     for index, shard in enumerate(shards):
         embed_small(model_dir, shard, images, num_shards=2, shard_index=index, **options)
     merged = tmp_path / f"merged{suffix}"
-    merge_outputs(merged, shards[::-1])
+    assert merge_outputs(merged, shards[::-1]).rows == len(images)  # rows, not patches
     drop = ("features", "shard")
 
     def manifest(path: Path) -> dict:

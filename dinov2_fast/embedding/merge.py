@@ -160,5 +160,5 @@ def merge_outputs(
     finally:
         lock.release()
     return EmbedResult(
-        out, manifest_path(out), staging, manifest["shape"][0], len(manifest["skipped"])
+        out, manifest_path(out), staging, len(manifest["inputs"]), len(manifest["skipped"])
     )

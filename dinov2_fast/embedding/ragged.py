@@ -157,7 +157,7 @@ def write_output(
         what = f"the {len(rows)} rows read (free some, then rerun with --resume)"
         check_space(ready, int(counts.sum()) * width * dtype.itemsize, what)
         flat = create_array(ready, dtype, (int(counts.sum()), width), what)
-        offsets = np.cumsum([0, *counts[:-1]]).astype(np.int64)
+        offsets = (np.cumsum(counts) - counts).astype(np.int64)
         for start, values in zip(offsets, _rows(partial, index, rows), strict=True):
             flat[start : start + len(values)] = values
         flat.flush()
@@ -166,9 +166,13 @@ def write_output(
     ready = partial / "parquet"
     shutil.rmtree(ready, ignore_errors=True)  # an earlier finish cut short
     ready.mkdir()
-    for number, positions in enumerate(cut_batches(counts.tolist(), _PART_PATCHES, None)):
+    # No rows still get one (empty) part: a reader finds the schema in it.
+    parts = cut_batches(counts.tolist(), _PART_PATCHES, None) or [[]]
+    for number, positions in enumerate(parts):
         part = rows[positions]
-        values = np.concatenate(list(_rows(partial, index, part))).astype(np.float32)
+        values = np.zeros((0, width), np.float32)
+        if len(part):
+            values = np.concatenate(list(_rows(partial, index, part))).astype(np.float32)
         paths = [inputs[r] for r in part]
         table = _parquet_table(output, settings, paths, values, [grids[p] for p in positions])
         output.write_part(ready, number, table)

@@ -478,7 +478,7 @@ def _finish(
     result = EmbedResult(
         out, manifest_path(out), _partial_dir(out), len(paths), len(skipped) + len(unlisted)
     )
-    if not paths:
+    if not paths and inputs:  # a shard with no inputs is finished empty, for merge
         out.rmdir()
         return result
     manifest = {

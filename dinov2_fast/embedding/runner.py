@@ -442,8 +442,9 @@ def _finish(out: Path, output: OutputFormat, unlisted: list[tuple[str, str]]) ->
     skipped_rows = np.flatnonzero(status == _SKIPPED)
     skipped = len(skipped_rows) + len(unlisted)
     result = EmbedResult(out, manifest_path(out), partial, len(written), skipped)
-    if not len(written):
+    if not len(written) and inputs:
         # Nothing to show for the run: an earlier --out and its manifest stay as they were.
+        # (A shard with no inputs at all is finished empty, so that a merge finds it.)
         return result
     reasons = {}
     for log in sorted(partial.glob("skipped-*.jsonl")):

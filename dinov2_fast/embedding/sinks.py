@@ -284,7 +284,8 @@ class _Parquet(OutputFormat):
         ready.mkdir()
         schema = self.schema(settings)
         step = self.part_rows(schema)
-        for index, start in enumerate(range(0, len(rows), step)):
+        # No rows still get one (empty) part: a reader finds the schema in it.
+        for index, start in enumerate(range(0, len(rows), step) or [0]):
             chunk = rows[start : start + step]
             table = self.table(schema, [inputs[r] for r in chunk], features[chunk])
             self.write_part(ready, index, table)
