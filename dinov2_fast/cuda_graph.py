@@ -122,7 +122,7 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def _capture(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        is_list = not isinstance(pixel_values, torch.Tensor)
+        is_list = isinstance(pixel_values, (list, tuple))
         static_input = [image.clone() for image in (pixel_values if is_list else [pixel_values])]
         model_input = static_input if is_list else static_input[0]
         with torch.cuda.device(static_input[0].device):

@@ -378,3 +378,15 @@ def test_the_ray_engine_refuses_uncropped_images_and_token_budgets(model_dir, im
     with pytest.raises(UserError, match="drop --max-tokens"):
         embed_small(model_dir, out, images, engine="ray", format="parquet", max_tokens=64)
     assert not out.exists()
+
+
+def test_shards_written_before_crop_was_recorded_merge_with_new_ones(model_dir, images, tmp_path):
+    from dinov2_fast.embedding.merge import merge_outputs
+
+    shards = [tmp_path / f"shard{i}.npy" for i in range(2)]
+    for index, shard in enumerate(shards):
+        embed_small(model_dir, shard, images[:4], num_shards=2, shard_index=index)
+    manifest = json.loads(manifest_path(shards[0]).read_text())
+    del manifest["crop"]
+    manifest_path(shards[0]).write_text(json.dumps(manifest))
+    assert merge_outputs(tmp_path / "merged.npy", shards).rows == 4

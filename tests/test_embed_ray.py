@@ -230,7 +230,34 @@ def test_embedder_takes_pixel_arrays_and_names_a_missing_column(model_dir, image
         embedder({"path": np.array(["a.png"])})
 
 
+def test_embedder_refuses_gpu_decoding(model_dir, monkeypatch):
+    from dinov2_fast.embedding import gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "check_gpu_decode", lambda device: None)
+    with pytest.raises(ValueError, match="Embedder decodes on Ray's CPU workers"):
+        ray_engine.Embedder(str(model_dir), size=28, device="cpu", decode="gpu")
+
+
+def test_an_empty_shard_gets_one_empty_part_and_overwrite_drops_a_local_run(
+    cluster, model_dir, images, tmp_path
+):
+    out = tmp_path / "shard0"
+    _ray(model_dir, out, images[:2], num_shards=3, shard_index=0)
+    assert _manifest(out)["inputs"] == []
+    table = sinks.FORMATS["parquet"].read(out, [], [64])
+    assert table.shape == (0, 64)
+    # A local run cut short before it made its --out: --overwrite drops it all the same.
+    fresh = tmp_path / "fresh"
+    partial = ray_engine._partial_dir(fresh)
+    partial.mkdir()
+    (partial / "run.json").write_text("{}")
+    ray_engine._prepare(fresh, [], {}, resume=False, overwrite=True)
+    assert not partial.exists() and fresh.is_dir()
+
+
 def test_engine_ray_needs_parquet(model_dir, images, tmp_path):
+    with pytest.raises(UserError, match="--ray-address names the cluster of --engine ray"):
+        embed_small(model_dir, tmp_path / "f.npy", images, ray_address="127.0.0.1:6379")
     with pytest.raises(UserError, match="--engine ray writes Parquet parts.*add --format parquet"):
         embed_small(model_dir, tmp_path / "features", images, engine="ray")
     with pytest.raises(UserError, match="--engine must be one of local, ray"):

@@ -315,6 +315,8 @@ def _packed_batches(
             images = [pixels for _, _, pixels in batch]
             same = len({image.shape for image in images}) == 1
             stacked = torch.stack(images) if same else images or None
+            if same and pin_memory:  # the stack is a new tensor: pinned, it copies async
+                stacked = stacked.pin_memory()
             yield [row for _, row, _ in batch], stacked, failed, tuple(seconds)
             failed, seconds = [], [0.0, 0.0]
 

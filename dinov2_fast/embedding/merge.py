@@ -1,7 +1,8 @@
 """``dinov2-fast merge``: the outputs of a sharded embed (``--num-shards``) joined into one.
 
 The shards must all be there, each once, with the same settings; their rows follow one
-another in shard order, which is the unsharded run's row order (``sources.shard_of``).
+another in shard order, which is the unsharded run's row order (``sources.shard_of``) for
+shards of the local engine (the Ray engine's rows follow its parts' names within a shard).
 Ragged shards (``ragged``) join the same way: their patches one after the other, each npy
 shard's ``patch_offsets`` moved by the patches of the shards before it.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from .._resolve import UserError, first_line, quoted
 from . import ragged
 from .lock import RunLock
-from .runner import EmbedResult, manifest_path
+from .runner import UNRECORDED_SETTINGS, EmbedResult, manifest_path
 from .sinks import FORMATS, write_json
 
 __all__ = ["merge_outputs"]
@@ -59,7 +60,8 @@ def _shard_manifest(shard: Path) -> dict[str, Any]:
 def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the rows were made with (and stored as), which every shard must share."""
     settings = {k: v for k, v in manifest.items() if k not in _ROW_FIELDS}
-    return {**settings, "format": manifest.get("format", "npy")}
+    # Shards written before a setting was recorded had its value then (as --resume reads it).
+    return {**UNRECORDED_SETTINGS, **settings, "format": manifest.get("format", "npy")}
 
 
 def _check_shards(shards: list[Path], manifests: list[dict[str, Any]]) -> None:

@@ -112,8 +112,9 @@ class Embedder:
     ``image`` column (uint8 HxWxC arrays) comes back with two columns more: ``embedding``
     (float32 ``(n, D)``, ``(n, 2D)`` for ``cls+mean``, ``(n, patches, D)`` for ``patch``;
     NaN for a row that could not be read) and ``skip_reason`` ("" for an embedded row, else
-    why it was not). Preprocessing, model and pooling are ``dinov2_fast.embed``'s; ``model``
-    and the other arguments are what ``embed`` takes.
+    why it was not). Preprocessing, model and pooling are ``dinov2_fast.embed``'s; ``model``,
+    ``pool``, ``decode``, ``dtype``, ``device`` and ``backend`` are as for ``embed``, and
+    ``size`` is its crop size.
     """
 
     def __init__(
@@ -131,6 +132,10 @@ class Embedder:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         try:
             check_decode(decode)
+            if decode == "gpu":
+                raise UserError(
+                    "Embedder decodes on Ray's CPU workers: use decode='exact' or 'fast'"
+                )
             torch_device = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, torch_device)
             self.model = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
@@ -213,7 +218,8 @@ def _load_settings(model: str, dtype: str, device: str, backend: str, **options:
         torch_dtype = resolve_dtype(dtype, torch_device)
         net = load_model(model, dtype=torch_dtype, device=torch_device, backend=backend)
         return _run_settings(model, net.config, torch_dtype, FORMATS["parquet"], **options)
-    except (UserError, OSError) as err:
+    # A model that cannot load fails the run in one line, whatever load_model raised.
+    except Exception as err:
         return UserError(first_line(err))
 
 
@@ -258,9 +264,11 @@ def _prepare(
             f"an unfinished run of the local engine is in {quoted(partial)}: continue it with "
             "--engine local --resume, or start over with --overwrite"
         )
-    if overwrite and out.exists():
-        print(f"removing the earlier output {quoted(out)} (--overwrite)", file=sys.stderr)
-        shutil.rmtree(out, ignore_errors=True)
+    if overwrite:
+        if out.exists():
+            print(f"removing the earlier output {quoted(out)} (--overwrite)", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+        # A local run's leftovers too, which a later --engine local --resume would continue.
         shutil.rmtree(partial, ignore_errors=True)
     done: set[str] = set()
     if resume and out.is_dir():
@@ -478,9 +486,16 @@ def _finish(
     result = EmbedResult(
         out, manifest_path(out), _partial_dir(out), len(paths), len(skipped) + len(unlisted)
     )
-    if not paths and inputs:  # a shard with no inputs is finished empty, for merge
+    if not paths and inputs:
         out.rmdir()
         return result
+    if not inputs:
+        # A shard with no inputs is finished empty, for merge: one empty part holds the
+        # schema, as the local engine's does.
+        parquet = FORMATS["parquet"]
+        schema = parquet.schema(settings)
+        empty = np.zeros((0, *settings["feature_shape"]), np.float32)
+        parquet.write_part(out, _part_name([]), parquet.table(schema, [], empty))
     manifest = {
         "features": out.name,
         "format": "parquet",

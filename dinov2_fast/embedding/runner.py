@@ -233,12 +233,12 @@ class _Previous:
 
 
 # What a run written before a setting was recorded had: such runs can still be resumed.
-_UNRECORDED_SETTINGS = {"crop": "center"}
+UNRECORDED_SETTINGS = {"crop": "center"}
 
 
 def _check_settings(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
-        if old.get(key, _UNRECORDED_SETTINGS.get(key)) == value:
+        if old.get(key, UNRECORDED_SETTINGS.get(key)) == value:
             continue
         fix = "(rerun with --overwrite, or write to another --out)"
         if key == "model_fingerprint":
@@ -576,6 +576,8 @@ def embed_images(
     out = Path(out)
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
+    if ray_address is not None and engine != "ray":
+        raise UserError("--ray-address names the cluster of --engine ray: add --engine ray")
     if engine == "ray" and format != "parquet":
         raise UserError(
             f"--engine ray writes Parquet parts from the cluster: add --format parquet "
