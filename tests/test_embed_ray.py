@@ -267,17 +267,20 @@ def test_engine_ray_needs_parquet(model_dir, images, tmp_path):
 def test_the_command_line_starts_a_cluster_of_its_own(model_dir, images, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    out = tmp_path / "features"
-    args = ["--model", model_dir, "--out", out, "--format", "parquet", "--engine", "ray"]
-    command = [sys.executable, "-m", "dinov2_fast", "embed", *images, *args, "--size", "28"]
+    # Paths relative to the command's folder, which the cluster's workers need not share.
+    inputs = [os.path.relpath(p, tmp_path) for p in images]
+    model = os.path.relpath(model_dir, tmp_path)
+    args = ["--model", model, "--out", "features", "--format", "parquet", "--engine", "ray"]
+    command = [sys.executable, "-m", "dinov2_fast", "embed", *inputs, *args, "--size", "28"]
     done = subprocess.run(
         [*map(str, command), "--device", "cpu"],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert f"features: {out} (5 x 64, float32, Parquet parts)" in done.stdout
-    assert f"skipped {str(images[5])!r}" in done.stderr
-    assert sorted(_rows(out)) == [str(p) for p in images[:5]]
+    assert "features: features (5 x 64, float32, Parquet parts)" in done.stdout
+    assert f"skipped {inputs[5]!r}" in done.stderr
+    assert sorted(_rows(tmp_path / "features")) == inputs[:5]

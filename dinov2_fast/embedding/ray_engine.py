@@ -41,6 +41,7 @@ from .._resolve import (
     check_image_size,
     first_line,
     load_model,
+    model_identity,
     quoted,
     resolve_device,
     resolve_dtype,
@@ -423,6 +424,8 @@ def embed_on_ray(
     docstring. Connects to ``ray_address`` (None: ``RAY_ADDRESS``, else a new local cluster)
     unless Ray is initialised already."""
     ray = _ray()
+    # A local model folder by its absolute path: workers need not share the driver's cwd.
+    model = model_identity(model)
     lock = RunLock(out)
     try:
         _check_writable(out, output)
